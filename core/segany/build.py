@@ -1,0 +1,248 @@
+"""Model configurations and the functions that build (and load) a SAM model.
+
+``build_sam("vit_b", checkpoint=path)`` gives the official architecture whose
+``state_dict()`` matches the official files key for key, so they load with ``strict=True``.
+Custom configurations (a small encoder for training and tests, segany's own model) are
+registered with :func:`register_config` and built the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, SegAnyError
+from .modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TinyViT,
+    TwoWayTransformer,
+)
+
+PROMPT_EMBED_DIM = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build one model architecture.
+
+    Attributes:
+        name: registry key (``"vit_b"``, ``"vit_t"``, ...).
+        encoder: ``"vit"`` (SAM's ViT) or ``"tiny_vit"`` (MobileSAM's TinyViT).
+        encoder_kwargs: constructor arguments of the encoder.
+        image_size: side of the square model input.
+        patch_size: encoder stride; the embedding grid is ``image_size // patch_size``.
+        description: one line for listings.
+    """
+
+    name: str
+    encoder: str
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 1024
+    patch_size: int = 16
+    description: str = ""
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+def _vit(name: str, width: int, depth: int, heads: int, global_blocks: tuple[int, ...], desc: str) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        encoder="vit",
+        encoder_kwargs=dict(
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            global_attn_indexes=global_blocks,
+            window_size=14,
+        ),
+        description=desc,
+    )
+
+
+_CONFIGS: dict[str, ModelConfig] = {}
+
+
+def register_config(config: ModelConfig, overwrite: bool = False) -> None:
+    """Make a custom architecture buildable by name.
+
+    Example:
+        >>> register_config(ModelConfig("my_vit", "vit", dict(embed_dim=128, depth=4,
+        ...     num_heads=4, global_attn_indexes=(1, 3))), overwrite=True)
+        >>> build_sam("my_vit").image_encoder.blocks[1].window_size
+        0
+    """
+    if config.name in _CONFIGS and not overwrite:
+        raise SegAnyError(f"a model configuration named {config.name!r} is already registered")
+    if config.encoder not in ("vit", "tiny_vit"):
+        raise SegAnyError(f"unknown encoder kind {config.encoder!r} (use 'vit' or 'tiny_vit')")
+    _CONFIGS[config.name] = config
+
+
+def model_configs() -> dict[str, ModelConfig]:
+    """The registered configurations by name (a copy)."""
+    return dict(_CONFIGS)
+
+
+for _config in (
+    _vit("vit_b", 768, 12, 12, (2, 5, 8, 11), "SAM ViT-B (93.7 M parameters)"),
+    _vit("vit_l", 1024, 24, 16, (5, 11, 17, 23), "SAM ViT-L (312 M parameters)"),
+    _vit("vit_h", 1280, 32, 16, (7, 15, 23, 31), "SAM ViT-H (641 M parameters)"),
+    ModelConfig(
+        name="vit_t",
+        encoder="tiny_vit",
+        encoder_kwargs=dict(
+            embed_dims=(64, 128, 160, 320),
+            depths=(2, 2, 6, 2),
+            num_heads=(2, 4, 5, 10),
+            window_sizes=(7, 7, 14, 7),
+            mlp_ratio=4.0,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+        ),
+        description="MobileSAM TinyViT (10.1 M parameters)",
+    ),
+    # A deliberately tiny encoder with SAM's real prompt encoder and decoder: fast enough
+    # for unit tests on a laptop CPU while exercising every interface.
+    _vit("test_tiny", 64, 2, 2, (1,), "tiny random ViT for tests (not a useful model)"),
+):
+    register_config(_config)
+
+
+def _build_encoder(config: ModelConfig) -> nn.Module:
+    if config.encoder == "vit":
+        kwargs = dict(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            out_chans=PROMPT_EMBED_DIM,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            use_rel_pos=True,
+        )
+        kwargs.update(config.encoder_kwargs)
+        return ImageEncoderViT(**kwargs)
+    return TinyViT(img_size=config.image_size, **config.encoder_kwargs)
+
+
+def build_sam_from_config(config: ModelConfig) -> Sam:
+    """Build a randomly initialised model of ``config`` (eval mode, CPU)."""
+    grid = config.embedding_size
+    sam = Sam(
+        image_encoder=_build_encoder(config),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=PROMPT_EMBED_DIM,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    sam.model_type = config.name  # type: ignore[attr-defined]
+    return sam.eval()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else the CPU; strings are validated."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SegAnyError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegAnyError(f"device {str(device)!r} was requested but CUDA is not available here")
+    return device
+
+
+def build_sam(
+    model_type: str = "vit_h",
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+) -> Sam:
+    """Build a SAM model, optionally loading weights, in eval mode.
+
+    Args:
+        model_type: a registered configuration: ``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``,
+            ``default`` (= ``vit_h``, as in the reference) or a custom name.
+        checkpoint: a state-dict file (official, MobileSAM, micro-sam or segany's own); read
+            with ``torch.load(weights_only=True)``; keys must match exactly.
+        device: ``"cpu"``, ``"cuda"``, ... ; ``None`` keeps the model on the CPU.
+
+    Example:
+        >>> sam = build_sam("test_tiny")
+        >>> sorted(k.split(".")[0] for k in sam.state_dict())[0]
+        'image_encoder'
+    """
+    from . import checkpoints  # local import: checkpoints imports nothing from here
+
+    if model_type == "default":
+        model_type = "vit_h"
+    if model_type not in _CONFIGS:
+        known = ", ".join(sorted(_CONFIGS))
+        raise SegAnyError(f"unknown model type {model_type!r}; known types: {known}")
+    sam = build_sam_from_config(_CONFIGS[model_type])
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        state = checkpoints.load_state_dict(path, model_type=model_type)
+        checkpoints.check_state_dict(sam.state_dict(), state, source=str(path), model_type=model_type)
+        sam.load_state_dict(state, strict=True)
+        sam.checkpoint_path = str(path)  # type: ignore[attr-defined]
+    if device is not None:
+        sam.to(resolve_device(device))
+    return sam.eval()
+
+
+DEFAULT_MODEL_HELP = (
+    "no model was named and segany does not ship a default model yet. Download an official "
+    "checkpoint with `segany fetch mobile_sam` (40 MB, fast on a CPU) or `segany fetch "
+    "sam_vit_b`, or pass the path of a checkpoint file you already have."
+)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+) -> Sam:
+    """The one-call entry point: a registry name, a checkpoint path, or the default model.
+
+    Args:
+        name_or_path: a name from ``segany models`` (its file must be in the cache, see
+            ``segany fetch``), or the path of a checkpoint file whose model type is
+            recognised from its keys; ``None`` for the default model.
+        device: as in :func:`build_sam`; ``None`` picks CUDA when available.
+
+    Example (needs the real checkpoint files)::
+
+        sam = load_model("sam_vit_b")
+    """
+    from . import checkpoints
+
+    if name_or_path is None:
+        raise CheckpointError(DEFAULT_MODEL_HELP)
+    path, model_type, _info = checkpoints.resolve_checkpoint(name_or_path)
+    if model_type is None:
+        state = checkpoints.load_state_dict(path)
+        model_type = checkpoints.guess_model_type(state)
+        if model_type is None or model_type not in _CONFIGS:
+            raise CheckpointError(
+                f"{path}: cannot tell which model this checkpoint is for; "
+                f"call segany.build_sam(model_type, checkpoint={str(path)!r}) with its type"
+            )
+    return build_sam(model_type, checkpoint=path, device=resolve_device(device))

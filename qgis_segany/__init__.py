@@ -1,0 +1,1 @@
+"""QGIS front-end of segany (the Processing provider arrives with the QGIS issue)."""
