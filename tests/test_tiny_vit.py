@@ -8,6 +8,7 @@ that no branch is silently zero (MBConv's last BatchNorm starts at zero, for ins
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -17,7 +18,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_oracle import import_mobile_sam  # noqa: E402
 
-from segany.modeling.tiny_vit import DropPath, MBConv, TinyViT  # noqa: E402
+from segany.modeling.tiny_vit import (  # noqa: E402
+    BasicLayer,
+    ConvLayer,
+    DropPath,
+    MBConv,
+    PatchMerging,
+    TinyViT,
+)
 
 # Everything here is CPU float32 of the same operations in another order.
 PARITY_ATOL = 1e-4
@@ -79,7 +87,8 @@ def test_state_dict_names_and_shapes_match_reference(reference_sam):
     # The full vit_t model: our encoder supplies exactly the reference encoder's share.
     full = reference_sam.state_dict()
     assert len(full) == 439
-    encoder_keys = {k.removeprefix("image_encoder.") for k in full if k.startswith("image_encoder.")}
+    prefix = "image_encoder."
+    encoder_keys = {k.removeprefix(prefix) for k in full if k.startswith(prefix)}
     assert encoder_keys == set(our_sd)
     assert len(full) - len(encoder_keys) + len(our_sd) == 439
     assert ours.img_size == reference_sam.image_encoder.img_size == 1024
@@ -108,7 +117,8 @@ def test_outputs_match_reference(reference_encoder, batch):
     assert actual.shape == (batch, 256, 64, 64)
     assert actual.is_contiguous()
     diff = (actual - expected).abs().max().item()
-    print(f"TinyViT parity, batch {batch}: max |diff| = {diff:.3g} (max |ref| = {expected.abs().max():.3g})")
+    scale = expected.abs().max().item()
+    print(f"TinyViT parity, batch {batch}: max |diff| = {diff:.3g} (max |ref| = {scale:.3g})")
     assert diff <= PARITY_ATOL
 
 
@@ -131,7 +141,9 @@ def test_eval_before_loading_weights_uses_the_loaded_biases():
     eval_then_loaded.load_state_dict(state, strict=True)
 
     fresh = TinyViT().eval()  # zero attention biases: must differ, or the test proves nothing
-    fresh.load_state_dict({k: v for k, v in state.items() if "attention_biases" not in k}, strict=False)
+    fresh.load_state_dict(
+        {k: v for k, v in state.items() if "attention_biases" not in k}, strict=False
+    )
 
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -141,6 +153,75 @@ def test_eval_before_loading_weights_uses_the_loaded_biases():
     assert actual.shape == (1, 256, 16, 16)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     assert (without_biases - expected).abs().max() > 1e-3
+
+
+def _assert_training_step_matches(ref, ours, x_ref, x_ours, to_ref_layout):
+    """Train-mode forward and backward of a reference stage and ours: outputs and gradients."""
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.train()
+    ours.train()
+    x_ref.requires_grad_(True)
+    x_ours.requires_grad_(True)
+    out_ref, out_ours = ref(x_ref), ours(x_ours)
+    torch.testing.assert_close(to_ref_layout(out_ours), out_ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(7))
+    out_ref.backward(grad)
+    out_ours.backward(grad.view(out_ours.shape))
+    ours_params = dict(ours.named_parameters())
+    for name, param in ref.named_parameters():
+        torch.testing.assert_close(
+            ours_params[name].grad, param.grad, rtol=1e-4, atol=1e-5, msg=name
+        )
+    return x_ref.grad, x_ours.grad
+
+
+def test_attention_stage_trains_like_the_reference(mobile_sam):
+    """Gradients too (attention bias through the SDPA mask, BatchNorm batch statistics)."""
+    tv = importlib.import_module("mobile_sam.modeling.tiny_vit_sam")
+    torch.manual_seed(5)
+    # 20x20 tokens, 7x7 windows: padded to 21x21, as in every vit_t stage.
+    ref = tv.BasicLayer(
+        dim=32,
+        input_resolution=(20, 20),
+        depth=2,
+        num_heads=2,
+        window_size=7,
+        drop_path=0.0,
+        downsample=tv.PatchMerging,
+        out_dim=48,
+        activation=torch.nn.GELU,
+    )
+    merge = PatchMerging(32, 48, stride=2, activation=torch.nn.GELU)
+    ours = BasicLayer(32, 2, 2, 7, torch.nn.GELU, [0.0, 0.0], merge)
+    randomise_(ref, seed=5)
+    x = torch.randn(2, 20, 20, 32)
+    grad_ref, grad_ours = _assert_training_step_matches(
+        ref, ours, x.reshape(2, 400, 32).clone(), x.clone(), lambda y: y.reshape(2, 100, 48)
+    )
+    torch.testing.assert_close(grad_ours.reshape(2, 400, 32), grad_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_stage_trains_like_the_reference(mobile_sam):
+    tv = importlib.import_module("mobile_sam.modeling.tiny_vit_sam")
+    torch.manual_seed(6)
+    ref = tv.ConvLayer(
+        dim=16,
+        input_resolution=(20, 20),
+        depth=2,
+        activation=torch.nn.GELU,
+        drop_path=0.0,
+        downsample=tv.PatchMerging,
+        out_dim=24,
+        conv_expand_ratio=4.0,
+    )
+    merge = PatchMerging(16, 24, stride=2, activation=torch.nn.GELU)
+    ours = ConvLayer(16, 2, torch.nn.GELU, [0.0, 0.0], merge)
+    randomise_(ref, seed=6)
+    x = torch.randn(2, 16, 20, 20)
+    grad_ref, grad_ours = _assert_training_step_matches(
+        ref, ours, x.clone(), x.clone(), lambda y: y.reshape(2, 100, 24)
+    )
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -6,16 +6,20 @@ conv "neck" mapping the last 64x64 grid to the 256-channel image embedding.
 
 Parameter and buffer names follow MobileSAM's ``tiny_vit_sam.py`` exactly, including the
 unused classification head (``norm_head``, ``head``) and the BatchNorm running statistics,
-so that ``mobile_sam.pt`` loads with ``strict=True``. The computation is the reference's,
-with three changes that do not alter the outputs:
+so that ``mobile_sam.pt`` loads with ``strict=True``. The computation is the reference's
+(same outputs to float rounding), reorganised for speed and with one bug fixed:
 
 * attention runs through ``scaled_dot_product_attention`` with the learned relative
-  position bias as an additive mask;
-* the bias is gathered from ``attention_biases`` on every forward instead of being cached
-  when the module switches to eval mode. The reference's cache goes stale when weights are
-  loaded after ``.eval()``; the gather is a few hundred kilobytes per block;
-* between stages the tokens stay in a ``B x H x W x C`` grid, which is a channels-last
-  ``B x C x H x W`` tensor for the convolutions, so no layout copies are made around them.
+  position bias as an additive mask (on the CPU, the fused flash kernel);
+* the bias is gathered from ``attention_biases`` on every forward. The reference caches it
+  when the module switches to eval mode, and the cache goes stale when weights are loaded
+  after ``.eval()``; the gather costs a few hundred kilobytes per block;
+* at inference each BatchNorm is folded into its convolution on the fly (the state dict is
+  unchanged), and the stride-4 MBConv blocks run in strips of rows on the CPU;
+* the whole network is channels-last: the tokens between stages are a ``B x H x W x C``
+  grid, which is a channels-last ``B x C x H x W`` tensor for the convolutions, so no
+  layout copies are made around them;
+* nothing is tied to a 1024x1024 input: any size works (windows are padded as needed).
 """
 
 from __future__ import annotations
@@ -178,7 +182,9 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.act = activation()
         self.conv1 = Conv2dBN(dim, out_dim)
-        self.conv2 = Conv2dBN(out_dim, out_dim, kernel_size=3, stride=stride, padding=1, groups=out_dim)
+        self.conv2 = Conv2dBN(
+            out_dim, out_dim, kernel_size=3, stride=stride, padding=1, groups=out_dim
+        )
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,9 +299,8 @@ class Attention(nn.Module):
         # go stale when weights change after .eval(). The leading 1 matters: on CPU a 3-D
         # mask sends SDPA to its slow "math" path, a 4-D one to the fused flash kernel.
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.scale
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B' x heads x N x d
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(batch, n, -1))
 
 
@@ -455,8 +460,10 @@ class TinyViT(nn.Module):
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], activation)
 
-        # Stochastic depth grows linearly from 0 over all blocks.
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # Stochastic depth grows linearly from 0 over all blocks. (Plain Python rather than
+        # torch.linspace(...).tolist(), which fails when built on the meta device.)
+        num_blocks = sum(depths)
+        rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             block_rates = rates[sum(depths[:i]) : sum(depths[: i + 1])]
