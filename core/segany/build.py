@@ -238,11 +238,40 @@ def load_model(
         raise CheckpointError(DEFAULT_MODEL_HELP)
     path, model_type, _info = checkpoints.resolve_checkpoint(name_or_path)
     if model_type is None:
-        state = checkpoints.load_state_dict(path)
-        model_type = checkpoints.guess_model_type(state)
-        if model_type is None or model_type not in _CONFIGS:
+        model_type = infer_model_type(checkpoints.load_state_dict(path))
+        if model_type is None:
             raise CheckpointError(
-                f"{path}: cannot tell which model this checkpoint is for; "
-                f"call segany.build_sam(model_type, checkpoint={str(path)!r}) with its type"
+                f"{path}: cannot tell which model this checkpoint is for (it matches no "
+                "registered configuration); register its configuration with "
+                "segany.register_config, or call segany.build_sam(model_type, "
+                f"checkpoint={str(path)!r})"
             )
     return build_sam(model_type, checkpoint=path, device=resolve_device(device))
+
+
+def infer_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The registered configuration whose parameters have exactly these names and shapes.
+
+    Official layouts are recognised from their signature; custom configurations (segany's
+    own models, a user's registered ones) by building each on the meta device (no memory)
+    and comparing shapes.
+
+    Example:
+        >>> infer_model_type(build_sam("test_tiny").state_dict())
+        'test_tiny'
+    """
+    from . import checkpoints
+
+    guess = checkpoints.guess_model_type(state_dict)
+    if guess is not None and guess in _CONFIGS:
+        return guess
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name, config in _CONFIGS.items():
+        with torch.device("meta"):
+            try:
+                candidate = build_sam_from_config(config)
+            except Exception:  # a configuration that cannot be built on meta is not a match
+                continue
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+            return name
+    return None
