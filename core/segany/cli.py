@@ -225,5 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+@add_command
+def register_eval(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``segany eval``: SAM-paper protocols on a labelled dataset (see segany.evaluation)."""
+    from .evaluation import register_eval_command
+
+    register_eval_command(subparsers)
+
+
 if __name__ == "__main__":  # python -m segany.cli
     sys.exit(main())
