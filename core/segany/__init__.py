@@ -13,6 +13,7 @@ Example:
     (1, 64, 64)
 """
 
+from .amg import AutomaticMaskGenerator
 from .build import ModelConfig, build_sam, load_model, model_configs, register_config
 from .errors import CheckpointError, ImageError, PromptError, SegAnyError
 from .modeling import Sam
