@@ -161,9 +161,12 @@ def add_command(register: Register) -> Register:
 
     Example:
         >>> @add_command
-        ... def register_embed(subparsers):
-        ...     parser = subparsers.add_parser("embed", help="compute image embeddings")
+        ... def register_hello(subparsers):
+        ...     parser = subparsers.add_parser("hello", help="say hello")
         ...     parser.set_defaults(func=lambda args: 0)
+        >>> main(["hello"])
+        0
+        >>> COMMANDS.remove(register_hello)  # an example only: keep the real list clean
     """
     if register not in COMMANDS:
         COMMANDS.append(register)
@@ -231,6 +234,28 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     from .evaluation import register_eval_command
 
     register_eval_command(subparsers)
+
+
+@add_command
+def register_raster_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``segany embed``, ``segment``, ``auto`` and ``batch``: large rasters in map
+    coordinates (see segany.tiling, segany.scene, segany.batch)."""
+    from .batch import register_batch_command
+    from .scene import register_scene_commands
+    from .tiling import register_embed_command
+
+    register_embed_command(subparsers)
+    register_scene_commands(subparsers)
+    register_batch_command(subparsers)
+
+
+@add_command
+def register_training(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``segany train``, ``pseudo-label`` and ``engine-round`` (see segany.training and
+    segany.data_engine)."""
+    from .training.commands import register_training_commands
+
+    register_training_commands(subparsers)
 
 
 if __name__ == "__main__":  # python -m segany.cli
