@@ -216,8 +216,11 @@ def test_merge_datasets_and_engine_round(tmp_path):
     m = de.read_manifest(merged)
     assert m["partial"] is True and set(m["samples"]) == {"t0", "t1", "img_0", "img_1"}
 
+    small = dict(encoder="vit", encoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2, global_attn_indexes=[0],
+                                                    window_size=0), image_size=64, patch_size=16)
     cfg = TrainConfig.from_dict({
-        "model": {"config": "test_tiny"}, "steps": 1, "rounds": 2, "batch_size": 1,
+        "model": {"config": "engine_small_64", "architecture": small}, "steps": 1, "rounds": 2, "batch_size": 1,
+        "num_threads": 1,
         "data": {"train": [{"path": str(manual), "partial": True}], "masks_per_image": 1},
         "progress": False, "output_dir": str(tmp_path / "ignored"),
     })

@@ -55,7 +55,7 @@ def small_config(tmp_path: Path, **overrides) -> TrainConfig:
         "output_dir": str(tmp_path / "run"),
         "progress": False,
         "log_every": 1,
-        "num_threads": 2,
+        "num_threads": 1,
     }
     for key, value in overrides.items():
         node = base
@@ -64,6 +64,16 @@ def small_config(tmp_path: Path, **overrides) -> TrainConfig:
             node = node.setdefault(p, {})
         node[last] = value
     return TrainConfig.from_dict(base)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for evaluations outside the trainer (which sets its own): on a busy
+    2-core machine two threads are several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,8 +463,8 @@ def test_bf16_autocast_and_gradient_accumulation_run_on_cpu(tmp_path):
         Trainer(small_config(tmp_path, precision="fp16"))
 
 
-def test_validation_uses_the_evaluation_protocols(tmp_path):
-    sam = segany.build_sam("test_tiny")
+def test_validation_uses_the_evaluation_protocols(tmp_path, one_thread):
+    sam = Trainer(small_config(tmp_path)).sam.eval()
     source = data.SyntheticScenes(2, 64, seed=5)
     ours = evaluate_points(sam, source, ("point", "clicks"), clicks=3, max_objects=None, min_area=10)
     pooled = validate(sam, [source], ("point", "clicks"), clicks=3, max_objects=None, min_area=10)
@@ -561,16 +571,6 @@ def test_training_from_scratch_on_synthetic_scenes_reaches_07_miou(synthetic_mod
     again = validate(sam, [data.SyntheticScenes(24, 128, "separated", seed=100_000, objects=4)], ("point",),
                      max_images=v.max_images, max_objects=v.max_objects, min_area=v.min_area)
     assert again["point_miou"] == pytest.approx(synthetic_model["miou"], abs=1e-6)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for evaluations outside the trainer (which sets its own): on a busy
-    2-core machine two threads are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _spread(source, count):

@@ -18,12 +18,14 @@ Outputs in ``output_dir``: ``model.pt`` (latest weights, official layout), ``bes
 validation score), their ``.json`` sidecars, ``resume.pt``, ``config.yaml``, ``log.csv``
 (one line per ``log_every`` steps and per validation) and ``curves.png``.
 
-Example:
+Example (a very small custom architecture: a 1-block ViT at 64 px with SAM's decoder):
     >>> import tempfile
+    >>> vit = {"encoder": "vit", "image_size": 64, "patch_size": 16, "encoder_kwargs": {
+    ...     "embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": [0], "window_size": 0}}
     >>> cfg = TrainConfig.from_dict({
-    ...     "model": {"config": "test_tiny"}, "steps": 2, "rounds": 3, "progress": False,
+    ...     "model": {"config": "doc_vit_64", "architecture": vit}, "steps": 2, "rounds": 3,
     ...     "data": {"train": [{"kind": "synthetic", "count": 2, "size": 64}], "masks_per_image": 2},
-    ...     "output_dir": tempfile.mkdtemp(), "log_every": 1})
+    ...     "output_dir": tempfile.mkdtemp(), "log_every": 1, "progress": False, "num_threads": 1})
     >>> result = train(cfg)
     >>> result.step, sorted(p.name for p in result.output_dir.iterdir())[:4]
     (2, ['config.yaml', 'curves.png', 'log.csv', 'model.json'])
@@ -107,8 +109,7 @@ class Trainer:
     Args:
         config: the run's configuration.
         train_data, val_data: optional sources replacing ``config.data.train`` / ``val``
-            (any object with ``len()`` and ``[i] -> (image, labels, name)``); with
-            ``train_partial`` flags when given this way.
+            (any object with ``len()`` and ``[i] -> (image, labels, name)``).
         resume: continue from ``output_dir/resume.pt`` if it exists (else start afresh).
         model: an already built model to train instead of ``config.model``.
     """
