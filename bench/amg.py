@@ -18,6 +18,11 @@ model with all-random weights would pass nothing, or give noise masks, and measu
     .venv/bin/python bench/amg.py                          # vit_t, 1024x768 and 3000x2000
     .venv/bin/python bench/amg.py --sizes 1024x768 --model test_tiny
     .venv/bin/python bench/amg.py --impls ours exact       # skip the (slow) reference
+    .venv/bin/python bench/amg.py --threads 1              # on a busy machine: no thread-pool waits
+
+Machine load matters: on a CPU shared with other jobs, torch's thread pool waits (and spins)
+at every operation, which costs small operations (ours) much more than large ones; the load
+average is printed with each row, and CPU seconds next to wall seconds.
 
 Goal (issue 3): >= 3x faster than the reference on CPU, peak memory <= 1/2, same masks.
 """
@@ -87,9 +92,12 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(impl: str, model_type: str, size: tuple[int, int], out: Path) -> None:
+def worker(impl: str, model_type: str, size: tuple[int, int], out: Path, threads: int | None) -> None:
     """Run one implementation once and write figures and masks (COCO RLE) to ``out``."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import segany
     from segany.masks import mask_to_rle, rle_to_coco
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_t", help="vit_t (default), test_tiny, vit_b, ...")
     parser.add_argument("--sizes", nargs="+", default=["1024x768", "3000x2000"], help="WxH")
     parser.add_argument("--impls", nargs="+", default=["reference", "ours"], choices=IMPLS)
+    parser.add_argument("--threads", type=int, help="torch CPU threads in both (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -169,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         w, h = (int(v) for v in s.lower().split("x"))
         sizes.append((h, w))
     if args.worker:
-        worker(args.worker, args.model, sizes[0], args.out)
+        worker(args.worker, args.model, sizes[0], args.out, args.threads)
         return 0
 
     print(
         f"AMG, default settings (32x32 points, pred_iou 0.88, stability 0.95), model {args.model} "
-        f"(random weights + localise_masks), CPU, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+        f"(random weights + localise_masks), CPU, {os.cpu_count()} cores, "
+        f"{args.threads or 'default'} torch threads, load {os.getloadavg()[0]:.1f} before"
     )
     rows = []
     for h, w in sizes:
@@ -183,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "result.json"
                 cmd = [sys.executable, __file__, "--worker", impl, "--model", args.model, "--sizes", f"{w}x{h}", "--out", str(out)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 subprocess.run(cmd, check=True)
                 results[impl] = json.loads(out.read_text())
             r = results[impl]
             print(
                 f"  {w}x{h} {impl:9s}: {r['wall_s']:7.1f} s wall ({r['cpu_s']:.1f} s CPU), peak RSS "
                 f"{r['peak_rss_mb']:6.0f} MB ({r['peak_rss_mb'] - r['base_rss_mb']:6.0f} MB above the loaded model), "
-                f"{r['n_masks']} masks",
+                f"{r['n_masks']} masks, load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         row = {"size": [w, h], "results": {k: {kk: vv for kk, vv in v.items() if kk != "masks"} for k, v in results.items()}}

@@ -153,22 +153,23 @@ def import_mobile_sam():
 
 def _connected_components_with_stats(image, connectivity=8, *args, **kwargs):
     """``cv2.connectedComponentsWithStats`` for a binary image: labels in raster order of each
-    region's first pixel (OpenCV's order), stats columns x, y, w, h, area, centroids."""
+    region's first pixel (OpenCV's order); stats columns x, y, w, h, area; centroids."""
     from scipy import ndimage
 
     image = np.asarray(image) != 0
     structure = np.ones((3, 3), bool) if connectivity == 8 else None
     labels, n = ndimage.label(image, structure=structure)
-    n_labels = n + 1
-    stats = np.zeros((n_labels, 5), dtype=np.int32)
-    centroids = np.zeros((n_labels, 2), dtype=np.float64)
-    for i, sl in enumerate([None] + list(ndimage.find_objects(labels))):
-        region = labels == i
-        ys, xs = np.nonzero(region)
-        if ys.size:
-            stats[i] = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1, ys.size]
-            centroids[i] = [xs.mean(), ys.mean()]
-    return n_labels, labels.astype(np.int32), stats, centroids
+    stats = np.zeros((n + 1, 5), dtype=np.int32)
+    stats[:, 4] = np.bincount(labels.ravel(), minlength=n + 1)
+    centroids = np.zeros((n + 1, 2), dtype=np.float64)
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        ys, xs = box
+        stats[i, :4] = [xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start]
+    background = ~image
+    if background.any():
+        ys, xs = np.nonzero(background)
+        stats[0, :4] = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    return n + 1, labels.astype(np.int32), stats, centroids
 
 
 def install_cv2_standin() -> None:

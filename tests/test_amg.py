@@ -306,6 +306,8 @@ def test_nodata_areas(small):
         assert (r["segmentation"] <= valid).all() and r["area"] > 0
         x, y = r["point_coords"][0]
         assert valid[int(y), int(x)]
+    cleaned = AutomaticMaskGenerator(ours, min_mask_region_area=2000, **kw).generate(IMAGE, valid_mask=valid)
+    assert cleaned and all((r["segmentation"] <= valid).all() for r in cleaned)  # filled holes stay clipped
     assert gen.generate(IMAGE, valid_mask=np.zeros((200, 300), bool)) == []
     with pytest.raises(SegAnyError, match="valid_mask"):
         gen.generate(IMAGE, valid_mask=np.ones((10, 10), bool))

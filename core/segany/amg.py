@@ -415,7 +415,7 @@ class AutomaticMaskGenerator:
         return self.predictor.model
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         image: np.ndarray,
@@ -462,9 +462,9 @@ class AutomaticMaskGenerator:
             self.predictor.reset_image()  # it holds the last crop, which would surprise a caller
         else:
             self.predictor.valid_mask = prepared.valid
-        return self._records(data, size)
+        return self._records(data, size, valid)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_from_embedding(
         self, embedding: ImageEmbedding | None = None, *, valid_mask: np.ndarray | None = None
     ) -> list[dict[str, Any]]:
@@ -495,7 +495,7 @@ class AutomaticMaskGenerator:
         if valid is not None and not valid.any():
             return []
         data = self._process_crop([0, 0, size[1], size[0]], 0, size, valid)
-        return self._records(data, size)
+        return self._records(data, size, valid)
 
     def to_label_image(self, records: Sequence[dict[str, Any]], shape: tuple[int, int] | None = None) -> np.ndarray:
         """See :func:`records_to_label_image`."""
@@ -676,10 +676,10 @@ class AutomaticMaskGenerator:
             yield j, score, lt > thr, r0, c0
 
     # ------------------------------------------------------------------ records
-    def _records(self, data: MaskSet, size: tuple[int, int]) -> list[dict[str, Any]]:
+    def _records(self, data: MaskSet, size: tuple[int, int], valid: np.ndarray | None = None) -> list[dict[str, Any]]:
         h, w = size
         if self.min_mask_region_area > 0 and len(data):
-            data = self._clean_small_regions(data, size)
+            data = self._clean_small_regions(data, size, valid)
         records = []
         for i in range(len(data)):
             counts = data.counts[i]
@@ -702,9 +702,10 @@ class AutomaticMaskGenerator:
             )
         return records
 
-    def _clean_small_regions(self, data: MaskSet, size: tuple[int, int]) -> MaskSet:
+    def _clean_small_regions(self, data: MaskSet, size: tuple[int, int], valid: np.ndarray | None) -> MaskSet:
         """The reference's clean-up: fill small holes, drop small islands, NMS again
-        preferring unchanged masks; changed masks get new codes and boxes."""
+        preferring unchanged masks; changed masks get new codes and boxes (and stay clipped
+        to the ``valid`` pixels: a filled hole may be nodata)."""
         h, w = size
         new_counts, boxes, scores = [], [], []
         for i, counts in enumerate(data.counts):
@@ -712,6 +713,8 @@ class AutomaticMaskGenerator:
             mask, holes_changed = remove_small_regions(mask, self.min_mask_region_area, "holes")
             mask, islands_changed = remove_small_regions(mask, self.min_mask_region_area, "islands")
             changed = holes_changed or islands_changed
+            if changed and valid is not None:
+                mask = mask & valid
             if changed:
                 new_counts.append(_counts_from_columns(np.asarray(mask).T, 0, 0, h, w))
                 box = _box_t(np.asarray(mask).T, 0, 0)

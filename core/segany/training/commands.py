@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 
 __all__ = ["register_training_commands"]
 
@@ -157,6 +156,3 @@ def register_training_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_engine_round)
 
-
-def _dump(value: object) -> str:  # pragma: no cover - debugging helper
-    return json.dumps(value, indent=1, default=str)
