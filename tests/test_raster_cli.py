@@ -72,10 +72,19 @@ def test_segment_reports_user_errors_in_one_line(tmp_path, small, capsys):
     assert not (tmp_path / "o.gpkg").exists()
 
 
-def test_missing_default_model_says_what_to_fetch(small, capsys):
+def test_a_named_model_missing_from_the_cache_says_what_to_fetch(small, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path / "empty_home"))
     for command in (["embed", str(small)], ["auto", str(small), "-o", "x.gpkg"], ["batch", str(small), "-o", "out"]):
-        assert main(command) == 2
-        assert "segany fetch" in capsys.readouterr().err
+        assert main([*command, "--model", "mobile_sam"]) == 2
+        assert "segany fetch mobile_sam" in capsys.readouterr().err
+
+
+def test_segany_model_variable_names_the_default_model(small, capsys, monkeypatch, tmp_path):
+    """Without --model the command line uses $SEGANY_MODEL (here a missing registry file)."""
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setenv("SEGANY_MODEL", "sam_vit_b")
+    assert main(["embed", str(small), "-q", "-o", str(tmp_path / "c.zarr")]) == 2
+    assert "segany fetch sam_vit_b" in capsys.readouterr().err
 
 
 def test_bad_rasters_from_the_command_line(tmp_path, capsys):

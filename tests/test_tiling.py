@@ -81,9 +81,13 @@ def test_check_cancel_accepts_events_and_callables():
 # ------------------------------------------------------------------------------ models
 
 
-def test_resolve_model_names_paths_and_default():
-    with pytest.raises(CheckpointError, match="segany fetch"):
+def test_resolve_model_names_paths_and_default(monkeypatch, tmp_path):
+    assert resolve_model(None).model_type == "segany_lite"  # the shipped model, no download
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path))
+    monkeypatch.setenv("SEGANY_MODEL", "mobile_sam")  # the default named by the environment
+    with pytest.raises(CheckpointError, match="segany fetch mobile_sam"):
         resolve_model(None)
+    monkeypatch.delenv("SEGANY_MODEL")
     with pytest.raises(CheckpointError, match="'vit_b' is an architecture.*sam_vit_b"):
         resolve_model("vit_b")
     with pytest.raises(CheckpointError, match="neither an existing file nor a known checkpoint"):

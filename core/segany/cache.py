@@ -180,6 +180,10 @@ class EmbeddingCache:
             cls._initialise(group, wanted, model)
             return cls(group, None)
         path = Path(path)
+        if path.is_dir() and not any(path.iterdir()):
+            # An empty folder is a place to put the cache, not a cache (GUIs that ask for an
+            # output folder create it before the work starts).
+            path.rmdir()
         if path.exists():
             existing = cls.open(path)
             problems = _differences(existing.attrs, wanted)
@@ -264,6 +268,40 @@ class EmbeddingCache:
                 f"embedding cache {self.path or 'in memory'} was made for " + "; ".join(problems)
                 + f", not for {raster.path.name} with this model; recompute it (segany embed)"
             )
+
+    def raster_for(self, raster: "Raster") -> "Raster":
+        """``raster`` as this cache saw it: itself, or the extent of it that was encoded
+        (a :meth:`~segany.raster.Raster.subset`, recognised from the size and geotransform
+        the cache records). Check the result with :meth:`verify`.
+
+        Example:
+            >>> import numpy as np, segany
+            >>> from segany.raster import Window, open_raster, write_test_raster, tmp_dir
+            >>> from segany.tiling import TileGrid
+            >>> r = open_raster(write_test_raster(tmp_dir() / "e.tif", np.arange(64 * 64, dtype="uint16").reshape(1, 64, 64)))
+            >>> part = r.subset(Window(8, 16, 32, 40))
+            >>> cache = EmbeddingCache.create(None, raster=part, grid=TileGrid(32, 40, 32, 0), model=segany.build_sam("test_tiny"))
+            >>> again = cache.raster_for(r)
+            >>> (again.height, again.width, again.parent_window)
+            (32, 40, Window(row0=8, col0=16, height=32, width=40))
+        """
+        from .raster import Window
+
+        stored = self.attrs.get("raster", {})
+        width, height = stored.get("width"), stored.get("height")
+        transform = stored.get("transform")
+        if (width, height) == (raster.width, raster.height) or transform is None or width is None:
+            return raster
+        a, b, c, d, e, f = (float(v) for v in tuple(raster.transform)[:6])
+        if b or d or not a or not e:
+            return raster  # rotated rasters: no subset arithmetic; verify() will explain
+        col0, row0 = (float(transform[2]) - c) / a, (float(transform[5]) - f) / e
+        if abs(col0 - round(col0)) > 1e-6 or abs(row0 - round(row0)) > 1e-6:
+            return raster
+        window = Window(int(round(row0)), int(round(col0)), int(height), int(width))
+        if window.row0 < 0 or window.col0 < 0 or window.row1 > raster.height or window.col1 > raster.width:
+            return raster
+        return raster.subset(window)
 
     # -------------------------------------------------------------- state
     def __len__(self) -> int:

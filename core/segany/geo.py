@@ -34,9 +34,19 @@ import numpy as np
 from .errors import PromptError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .raster import Raster
+    from .raster import Raster, Window
 
-__all__ = ["PIXEL", "Prompt", "parse_box", "parse_point", "read_prompts", "reproject_xy", "to_pixels"]
+__all__ = [
+    "PIXEL",
+    "Prompt",
+    "bounds_to_window",
+    "parse_box",
+    "parse_point",
+    "prompts_from_geometries",
+    "read_prompts",
+    "reproject_xy",
+    "to_pixels",
+]
 
 #: The ``crs`` of prompts given in raster pixels.
 PIXEL = "pixel"
@@ -272,7 +282,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _labels(values: Any, path: Path, column: str) -> np.ndarray:
+def _labels(values: Any, path: Path | str, column: str) -> np.ndarray:
     def one(v: Any) -> int:
         if isinstance(v, str):
             key = v.strip().lower()
@@ -282,7 +292,7 @@ def _labels(values: Any, path: Path, column: str) -> np.ndarray:
                 return 0
         elif v is not None and not (isinstance(v, float) and np.isnan(v)) and int(v) in (0, 1):
             return int(v)
-        raise PromptError(f"{path}: column {column!r} must hold 1/0 (or positive/negative), got {v!r}")
+        raise PromptError(f"{path}: {column} must hold 1/0 (or positive/negative), got {v!r}")
 
     return np.array([one(v) for v in values], dtype=np.int64)
 
@@ -336,15 +346,87 @@ def read_prompts(
     if len(frame) == 0:
         raise PromptError(f"prompt file {path} has no features")
     file_crs = frame.crs if frame.crs is not None else crs
-    if frame.geometry.isna().any() or frame.geometry.is_empty.any():
-        raise PromptError(f"prompt file {path}: feature {int(np.flatnonzero(frame.geometry.isna() | frame.geometry.is_empty)[0])} has no geometry")
-    labels = _labels(frame[label_field], path, label_field) if label_field in frame.columns else np.ones(len(frame), np.int64)
     if group_field is not None and group_field not in frame.columns:
         raise PromptError(f"prompt file {path} has no column {group_field!r} (columns: {list(frame.columns)})")
-    keys = list(frame[group_field]) if group_field else list(range(len(frame)))
-    groups: dict[Any, dict[str, Any]] = {}
-    for key, geom, label in zip(keys, frame.geometry, labels):
-        g = groups.setdefault(key, {"points": [], "labels": [], "box": None})
+    return prompts_from_geometries(
+        list(frame.geometry),
+        labels=list(frame[label_field]) if label_field in frame.columns else None,
+        groups=list(frame[group_field]) if group_field else None,
+        crs=file_crs,
+        source=f"prompt file {path}",
+        label_name=f"column {label_field!r}",
+    )
+
+
+def prompts_from_geometries(
+    geometries: Sequence[Any],
+    *,
+    labels: Sequence[Any] | None = None,
+    groups: Sequence[Any] | None = None,
+    ids: Sequence[Any] | None = None,
+    crs: Any = None,
+    source: str = "prompts",
+    label_name: str = "labels",
+    require_foreground: bool = False,
+) -> list[Prompt]:
+    """Prompts from in-memory features: the rules of :func:`read_prompts` without a file.
+
+    Front-ends that hold features in their own objects (a QGIS layer, a napari shapes
+    layer, a web request) hand over the geometries as shapely objects or WKB bytes:
+
+    * a Point is a prompt of one point, a MultiPoint one prompt of several points, labelled
+      by ``labels`` (1/0, positive/negative, ...; default 1);
+    * a Polygon (or MultiPolygon) is a box prompt: its bounding box, so a detector's boxes
+      give one object each;
+    * with ``groups``, the features sharing a value form one prompt (points and at most one
+      box); the group value is the prompt id. Without, each feature is a prompt whose id is
+      ``ids[i]`` (default: its index).
+
+    Args:
+        crs: the CRS of the coordinates (see :class:`Prompt`).
+        source: names the features in error messages (``"layer points.gpkg"``).
+        label_name: names the labels in error messages (``"field 'label'"``).
+        require_foreground: refuse a prompt made only of background points (SAM has
+            nothing to segment then; interactive tools and batch jobs want an error).
+
+    Raises:
+        PromptError: naming ``source`` and the feature or group: a missing or empty
+            geometry, a line, a bad label, two boxes in a group, only background points.
+
+    Example:
+        >>> import shapely
+        >>> feats = [shapely.Point(10, 20), shapely.Point(12, 20), shapely.box(0, 0, 5, 5).wkb]
+        >>> ps = prompts_from_geometries(feats, labels=[1, "negative", 1], groups=["a", "a", "b"], crs="EPSG:32633")
+        >>> [(p.id, p.points.tolist(), p.labels.tolist(), None if p.box is None else p.box.tolist()) for p in ps]
+        [('a', [[10.0, 20.0], [12.0, 20.0]], [1, 0], None), ('b', [], [], [0.0, 0.0, 5.0, 5.0])]
+        >>> try:
+        ...     prompts_from_geometries([shapely.Point(1, 2)], labels=[0], ids=["f7"], source="layer pts",
+        ...                             require_foreground=True)
+        ... except PromptError as exc:
+        ...     print(exc)
+        layer pts: prompt 'f7' has only background (label 0) points and no box: nothing says which object to segment
+    """
+    import shapely
+
+    n = len(geometries)
+    if n == 0:
+        raise PromptError(f"{source}: no features")
+    for name, values in (("labels", labels), ("groups", groups), ("ids", ids)):
+        if values is not None and len(values) != n:
+            raise PromptError(f"{source}: {len(values)} {name} for {n} features")
+    ids = list(ids) if ids is not None else list(range(n))
+    geoms = []
+    for i, geom in enumerate(geometries):
+        if isinstance(geom, (bytes, bytearray, memoryview)):
+            geom = shapely.from_wkb(bytes(geom))
+        if geom is None or geom.is_empty:
+            raise PromptError(f"{source}: feature {ids[i]} has no geometry")
+        geoms.append(geom)
+    parsed = _labels(labels, source, label_name) if labels is not None else np.ones(n, np.int64)
+    keys = list(groups) if groups is not None else ids
+    collected: dict[Any, dict[str, Any]] = {}
+    for key, geom, label in zip(keys, geoms, parsed):
+        g = collected.setdefault(key, {"points": [], "labels": [], "box": None})
         kind = geom.geom_type
         if kind == "Point":
             g["points"].append((geom.x, geom.y))
@@ -355,11 +437,63 @@ def read_prompts(
                 g["labels"].append(label)
         elif kind in ("Polygon", "MultiPolygon"):
             if g["box"] is not None:
-                raise PromptError(f"prompt file {path}: prompt {key!r} has more than one box")
+                raise PromptError(f"{source}: prompt {key!r} has more than one box")
             g["box"] = geom.bounds
         else:
-            raise PromptError(f"prompt file {path}: {kind} features are not prompts (use points or polygons)")
+            raise PromptError(f"{source}: {kind} features are not prompts (use points or polygons)")
+    if require_foreground:
+        for key, g in collected.items():
+            if g["box"] is None and 1 not in g["labels"]:
+                raise PromptError(f"{source}: prompt {key!r} has only background (label 0) points and no box: "
+                                  "nothing says which object to segment")
     return [
-        Prompt(np.array(g["points"]).reshape(-1, 2), np.array(g["labels"], np.int64), g["box"], key, file_crs)
-        for key, g in groups.items()
+        Prompt(np.array(g["points"]).reshape(-1, 2), np.array(g["labels"], np.int64), g["box"], key, crs)
+        for key, g in collected.items()
     ]
+
+
+def bounds_to_window(raster: "Raster", bounds: Sequence[float], crs: Any = None) -> "Window":
+    """The raster pixels covering ``bounds`` (``xmin, ymin, xmax, ymax``) given in ``crs``
+    (None: the raster's own; ``"pixel"``: pixel coordinates), clipped to the raster.
+
+    The extent is reprojected with densified edges and rounded outwards to whole pixels,
+    so every pixel the extent touches is in the window.
+
+    Raises:
+        PromptError: an extent that is empty, lies outside the raster, or cannot be placed.
+
+    Example:
+        >>> from segany.raster import open_raster, write_test_raster, tmp_dir
+        >>> r = open_raster(write_test_raster(tmp_dir() / "b.tif", np.zeros((1, 100, 100), "uint8") + 1))
+        >>> bounds_to_window(r, (500010.5, 4999950.0, 500030.0, 4999990.0))   # UTM metres, 1 m pixels
+        Window(row0=10, col0=10, height=40, width=20)
+    """
+    from .raster import Window
+
+    b = np.asarray(bounds, dtype=np.float64).reshape(4)
+    crs_name = "pixels" if crs == PIXEL else ("the raster's CRS" if crs is None else _as_crs(crs, "extent").to_string())
+    what = f"extent {', '.join(f'{v:.8g}' for v in b)} (in {crs_name}) for raster {raster.path.name}"
+    if not np.isfinite(b).all() or b[2] <= b[0] or b[3] <= b[1]:
+        raise PromptError(f"{what}: an extent needs xmin < xmax and ymin < ymax")
+    if crs == PIXEL:
+        cols, rows = b[[0, 2]], b[[1, 3]]
+    else:
+        dst = _as_crs(raster.crs, f"raster {raster.path}") if raster.crs is not None else None
+        src = _as_crs(crs, what) if crs is not None else dst
+        if src is not None and dst is None:
+            raise PromptError(f"{what}: the raster has no CRS, so an extent in {src.to_string()} cannot be placed")
+        if src is not None:
+            b = _reproject_box(b, src, dst)
+            if not np.isfinite(b).all():
+                raise PromptError(f"{what}: cannot be reprojected to the raster's CRS")
+        cols, rows = apply_affine(~raster.transform, np.array([b[0], b[2], b[0], b[2]]),
+                                  np.array([b[1], b[1], b[3], b[3]]))
+    # A hair of tolerance: an extent taken from the raster's own bounds lands on pixel
+    # edges up to floating-point noise, and must not grow by a pixel.
+    c0, c1 = int(np.floor(cols.min() + 1e-6)), int(np.ceil(cols.max() - 1e-6))
+    r0, r1 = int(np.floor(rows.min() + 1e-6)), int(np.ceil(rows.max() - 1e-6))
+    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, raster.width), min(r1, raster.height)
+    if c1 <= c0 or r1 <= r0:
+        left, bottom, right, top = raster.bounds
+        raise PromptError(f"{what}: lies outside the raster (bounds {left:.6g}, {bottom:.6g}, {right:.6g}, {top:.6g})")
+    return Window(r0, c0, r1 - r0, c1 - c0)

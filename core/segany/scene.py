@@ -76,6 +76,9 @@ __all__ = [
     "TileContext",
     "TileGrid",
     "auto_file",
+    "model_name",
+    "object_geometry",
+    "object_record",
     "segment",
     "segment_everything",
     "segment_file",
@@ -185,16 +188,33 @@ class SamDecoder:
     authors advise for single-point prompts.
     """
 
-    def __init__(self, model: Any, chunk: int = 4) -> None:
+    def __init__(self, model: Any, chunk: int = 4, keep: int = 0) -> None:
         from .predictor import SamPredictor
 
         self.predictor = model if isinstance(model, SamPredictor) else as_encoder(model).predictor
         self.chunk = max(1, int(chunk))  # full-res logits of chunk x 3 masks live at once
+        # Interactive tools decode click after click on the same window: keeping its
+        # embedding skips the encoder (the slow part) on every click but the first.
+        self.keep = max(0, int(keep))
+        self._kept: dict[tuple[str, Window], Any] = {}
+
+    def embedding(self, ctx: TileContext) -> Any:
+        """The window's embedding, from the ``keep`` most recently used ones when there."""
+        if not self.keep:
+            return ctx.embedding
+        key = (str(ctx.raster.path), ctx.window)
+        emb = self._kept.pop(key, None)
+        if emb is None:
+            emb = ctx.embedding
+        self._kept[key] = emb  # most recent last
+        while len(self._kept) > self.keep:
+            self._kept.pop(next(iter(self._kept)))
+        return emb
 
     def __call__(self, ctx: TileContext, points: np.ndarray | None, labels: np.ndarray | None,
                  boxes: np.ndarray | None, multimask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pred = self.predictor
-        pred.set_embedding(ctx.embedding)
+        pred.set_embedding(self.embedding(ctx))
         threshold = float(pred.model.mask_threshold)
         n = len(points) if points is not None else len(boxes)
         masks, ious, stabs = [], [], []
@@ -604,6 +624,93 @@ def segment_everything(
     return count if sink is not None else collected
 
 
+# ------------------------------------------------------------------------------ features
+
+
+def object_geometry(obj: SceneObject, raster: Raster, *, to_crs: Any = None, simplify: float | None = None) -> Any:
+    """The object's outline as a shapely (Multi)Polygon in the raster's map coordinates, or
+    reprojected to ``to_crs`` (``simplify`` is a tolerance in the raster's units, applied
+    before reprojecting, so it means the same whatever the output CRS).
+
+    Example:
+        >>> from segany.raster import open_raster, write_test_raster, tmp_dir
+        >>> r = open_raster(write_test_raster(tmp_dir() / "og.tif", np.ones((1, 50, 50), "uint8")))
+        >>> obj = SceneObject(np.ones((10, 20), bool), row0=5, col0=10)
+        >>> object_geometry(obj, r).bounds      # 1 m pixels from (500000, 5000000)
+        (500010.0, 4999985.0, 500030.0, 4999995.0)
+        >>> [round(v, 4) for v in object_geometry(obj, r, to_crs="EPSG:4326").bounds]
+        [15.0001, 45.1533, 15.0004, 45.1534]
+    """
+    from .vectorize import mask_to_geometry
+
+    geom = mask_to_geometry(obj.mask, raster.window_transform(obj.window), simplify)
+    if geom is None or to_crs is None or raster.crs is None:
+        return geom
+    from .geo import _as_crs
+
+    src, dst = _as_crs(raster.crs, f"raster {raster.path}"), _as_crs(to_crs, "output")
+    if src == dst:
+        return geom
+    import shapely
+    from pyproj import Transformer
+
+    transformer = Transformer.from_crs(src, dst, always_xy=True)
+    # Pixel outlines have long straight edges (a box prompt's object is often a rectangle):
+    # densify them so they follow the projection's curvature like the pixels do.
+    a, b = raster.transform.a, raster.transform.e
+    dense = shapely.segmentize(geom, max(abs(a), abs(b)) * 4)
+    return shapely.transform(dense, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def object_record(obj: SceneObject, raster: Raster, *, to_crs: Any = None, simplify: float | None = None,
+                  model_name: str | None = None) -> dict[str, Any]:
+    """One output feature: ``geometry`` (see :func:`object_geometry`) plus the attributes of
+    :data:`segany.vectorize.FIELDS` (``area`` in m² measured in the raster's CRS). Every
+    front-end builds its features with this, so files, QGIS layers and napari agree.
+
+    Example:
+        >>> from segany.raster import open_raster, write_test_raster, tmp_dir
+        >>> r = open_raster(write_test_raster(tmp_dir() / "rec.tif", np.ones((1, 50, 50), "uint8")))
+        >>> rec = object_record(SceneObject(np.ones((10, 20), bool), 5, 10, 0.9, 0.95, "p1"), r, model_name="m")
+        >>> {k: rec[k] for k in ("prompt_id", "area", "area_unit", "n_tiles", "model", "source")}
+        {'prompt_id': 'p1', 'area': 200.0, 'area_unit': 'm2', 'n_tiles': 1, 'model': 'm', 'source': 'rec.tif'}
+    """
+    from .vectorize import area_in_units
+
+    geom = object_geometry(obj, raster, simplify=simplify)
+    area, unit = area_in_units(geom, raster.crs)
+    if to_crs is not None and geom is not None:
+        geom = object_geometry(obj, raster, to_crs=to_crs, simplify=simplify)
+    return {
+        "geometry": geom, "id": obj.id, "prompt_id": obj.prompt_id, "predicted_iou": obj.predicted_iou,
+        "stability_score": obj.stability_score, "area": area, "area_unit": unit, "n_tiles": obj.n_tiles,
+        "model": model_name, "source": _source_name(raster),
+    }
+
+
+def _source_name(raster: Raster) -> str:
+    # A subset (an extent of a scene) reads through a temporary VRT: name the real file.
+    parent = getattr(raster, "parent", None)
+    return parent.path.name if parent is not None else raster.path.name
+
+
+def model_name(model: Any) -> str | None:
+    """What the ``model`` field says: the model type, and the checkpoint file when known.
+
+    Example:
+        >>> import segany
+        >>> model_name(segany.build_sam("test_tiny"))
+        'test_tiny'
+    """
+    if model is None:
+        return None
+    sam = getattr(model, "model", model)  # a TileEncoder or a SamPredictor holds the model
+    sam = getattr(sam, "model", sam)
+    ckpt = getattr(sam, "checkpoint_path", None)
+    kind = getattr(sam, "model_type", None)
+    return f"{kind}:{Path(ckpt).name}" if ckpt else kind
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -641,21 +748,13 @@ class SceneWriter:
         self.count = 0
 
     def __call__(self, obj: SceneObject) -> None:
-        from .vectorize import area_in_units, mask_to_geometry
-
         self.count += 1
         if not obj.id:
             obj.id = self.count
         if self.mask_raster is not None:
             self.mask_raster.add(obj.id, obj.row0, obj.col0, obj.mask)
         if self.vector is not None:
-            geom = mask_to_geometry(obj.mask, self.raster.window_transform(obj.window), self.simplify)
-            area, unit = area_in_units(geom, self.raster.crs)
-            self.vector.add({
-                "geometry": geom, "id": obj.id, "prompt_id": obj.prompt_id, "predicted_iou": obj.predicted_iou,
-                "stability_score": obj.stability_score, "area": area, "area_unit": unit, "n_tiles": obj.n_tiles,
-                "model": self.model_name, "source": self.raster.path.name,
-            })
+            self.vector.add(object_record(obj, self.raster, simplify=self.simplify, model_name=self.model_name))
 
     def close(self) -> None:
         for w in (self.vector, self.mask_raster):

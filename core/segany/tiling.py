@@ -54,6 +54,7 @@ __all__ = [
     "TileEncoder",
     "TileGrid",
     "check_cancel",
+    "default_model_spec",
     "encode_raster",
     "resolve_model",
 ]
@@ -221,10 +222,35 @@ class TileGrid:
 # ------------------------------------------------------------------------------ models
 
 
+#: Environment variable naming the model used wherever none is named (a registry name or a
+#: checkpoint file): the command line, the QGIS plugin, ``qgis_process`` scripts.
+MODEL_ENV = "SEGANY_MODEL"
+
+
+def default_model_spec() -> str | None:
+    """The model to use when none is named: ``$SEGANY_MODEL`` when set (a registry name or
+    a checkpoint path), else None (segany's own default, :func:`segany.load_model`).
+
+    Front-ends that cannot pass a model through their own options (a ``qgis_process``
+    pipeline, a batch job) set the variable instead.
+
+    Example:
+        >>> import os
+        >>> os.environ["SEGANY_MODEL"] = "/models/sam_vit_b_01ec64.pth"
+        >>> default_model_spec()
+        '/models/sam_vit_b_01ec64.pth'
+        >>> del os.environ["SEGANY_MODEL"]; default_model_spec() is None
+        True
+    """
+    value = os.environ.get(MODEL_ENV, "").strip()
+    return os.path.expanduser(value) if value else None
+
+
 def resolve_model(spec: "str | os.PathLike[str] | Sam | SamPredictor | None", device: str | None = None) -> "Sam":
     """A model from what a user typed: a checkpoint name (``sam_vit_b``), a checkpoint
     path, a registered configuration name with random weights (``test_tiny``, for tests),
-    a model object, or None for segany's default model (:func:`segany.load_model`).
+    a model object, or None for the default model (``$SEGANY_MODEL`` when set, see
+    :func:`default_model_spec`, else :func:`segany.load_model`'s own default).
 
     Example:
         >>> import warnings
@@ -244,7 +270,9 @@ def resolve_model(spec: "str | os.PathLike[str] | Sam | SamPredictor | None", de
     if isinstance(spec, Sam):
         return spec
     if spec is None:
-        return load_model(None, device=device)
+        spec = default_model_spec()
+        if spec is None:
+            return load_model(None, device=device)
     text = os.fspath(spec)
     if text in REGISTRY or os.path.exists(text):
         return load_model(text, device=device)
@@ -288,8 +316,11 @@ def check_model_spec(spec: "str | os.PathLike[str] | None") -> None:
     from .errors import CheckpointError
 
     if spec is None:
-        load_model(None)  # raises the "what to fetch" message
-    text = os.fspath(spec)  # type: ignore[arg-type]
+        spec = default_model_spec()
+        if spec is None:
+            load_model(None)  # raises the "what to fetch" message (or finds the shipped model)
+            return
+    text = os.fspath(spec)
     if text in model_configs() and not os.path.exists(text):
         if text in MODEL_TYPES or text == "default":
             raise CheckpointError(f"'{text}' is an architecture, not a model: name a checkpoint or give a file")
