@@ -440,6 +440,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert lb == pytest.approx(la, rel=1e-5)  # the log was continued, not restarted
 
 
+def test_data_threads_and_memory_cache_do_not_change_the_result(tmp_path):
+    """Prefetching threads and the in-memory cache only change speed: same weights, same log."""
+    common = {"steps": 4, "rounds": 2, "data.augment": {"hflip": True, "scale_range": [0.8, 1.3]}}
+    plain = train(small_config(tmp_path / "a", **common))
+    threaded = train(small_config(tmp_path / "b", **common, **{"data.workers": 3, "data.prefetch": 2,
+                                                              "data.cache_in_memory": True}))
+    a = torch.load(plain.model_path, weights_only=True)
+    b = torch.load(threaded.model_path, weights_only=True)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    assert [r["loss"] for r in threaded.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-5)
+
+
+def test_source_weights_balance_the_draws(tmp_path):
+    cfg = small_config(tmp_path, **{"data.train": [
+        {"kind": "synthetic", "count": 30, "size": 64, "seed": 1},
+        {"kind": "synthetic", "count": 3, "size": 64, "seed": 2, "weight": 10.0}]})
+    trainer = Trainer(cfg)
+    rng = np.random.default_rng(0)
+    draws = np.array([trainer._draw_item(rng)[0] for _ in range(2000)])
+    # 30 images x 1 against 3 images x 10: each source half of the time.
+    assert 0.45 < (draws == 1).mean() < 0.55
+    with pytest.raises(SegAnyError, match="weight must be positive"):
+        small_config(tmp_path, **{"data.train": [{"kind": "synthetic", "weight": 0}]})
+
+
 def test_frozen_encoder_embeddings_are_cached(tmp_path):
     cfg = small_config(tmp_path, **{"freeze.image_encoder": True, "frozen_augmentations": 2, "steps": 12,
                                     "data.train": [{"kind": "synthetic", "count": 3, "size": 64}]})

@@ -104,6 +104,9 @@ class DataSource:
         vectors: geo only: the vector label file.
         tile_size, overlap: geo only (tiles cut from the raster, in pixels).
         count, size, seed, objects, scene: synthetic only (``scene``: shapes or cells).
+        weight: relative chance of drawing an image of this source (per image: a source of
+            100 images with weight 3 is drawn as often as one of 300 with weight 1);
+            balances small domains against large ones.
     """
 
     path: str | None = None
@@ -122,6 +125,7 @@ class DataSource:
     seed: int = 0
     objects: int = 6
     scene: str = "shapes"
+    weight: float = 1.0
 
 
 @dataclass
@@ -135,6 +139,13 @@ class DataConfig:
             augmentation) are never sampled.
         augment: random flips / rotations / zoom (:class:`~segany.training.data.Augment`).
         check: read every item once before training and report bad files one by one.
+        cache_in_memory: keep every decoded image and label image in memory after its
+            first read (small datasets on a fast accelerator: decoding PNGs is then the
+            bottleneck).
+        workers: threads that read and augment the images of the next steps while the
+            current step runs (0: in the training thread). Results do not depend on it:
+            every image slot of every step has its own random generator.
+        prefetch: steps prepared ahead when ``workers`` > 0.
     """
 
     train: list[DataSource] = field(default_factory=list)
@@ -143,6 +154,9 @@ class DataConfig:
     min_mask_area: int = 16
     augment: Augment = field(default_factory=Augment)
     check: bool = True
+    cache_in_memory: bool = False
+    workers: int = 0
+    prefetch: int = 2
 
 
 @dataclass
@@ -312,6 +326,8 @@ class TrainConfig:
         for p in self.validation.protocols:
             if p not in ("point", "clicks"):
                 raise bad(f"validation.protocols: unknown protocol {p!r} (use 'point' and/or 'clicks')")
+        if self.data.workers < 0 or self.data.prefetch < 1:
+            raise bad(f"data.workers must be >= 0 and data.prefetch >= 1, got {self.data.workers}, {self.data.prefetch}")
         lo, hi = self.data.augment.scale_range
         if not 0 < lo <= hi:
             raise bad(f"data.augment.scale_range must be 0 < low <= high, got {[lo, hi]}")
@@ -322,6 +338,8 @@ class TrainConfig:
                     raise bad(f"{where}.kind must be one of {', '.join(DATA_KINDS)}, got {s.kind!r}")
                 if s.kind != "synthetic" and not s.path:
                     raise bad(f"{where}: a {s.kind!r} source needs a path")
+                if not s.weight > 0:
+                    raise bad(f"{where}.weight must be positive, got {s.weight}")
                 if s.kind == "geo" and not s.vectors:
                     raise bad(f"{where}: a 'geo' source needs 'vectors' (the label polygons file)")
 

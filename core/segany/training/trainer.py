@@ -38,6 +38,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,7 +54,9 @@ from ..modeling import Sam
 from . import checkpointing
 from .config import TrainConfig
 from .data import (
+    AugmentedSample,
     DataError,
+    InMemory,
     LabelledImages,
     augment,
     check_source,
@@ -153,6 +156,12 @@ class Trainer:
             self._items = [(si, i) for si, (s, _) in enumerate(self.train_sources) for i in range(len(s))]
         if config.data.check and self.val_sources:
             self._check([(s, False) for s in self.val_sources], "validation")
+        self._item_p = self._item_probabilities()
+        # Two pools: queued steps wait on their image slots, image slots never wait, so no
+        # pool can fill up with jobs that wait on jobs queued behind them.
+        self._executor: ThreadPoolExecutor | None = None  # image slots
+        self._step_executor: ThreadPoolExecutor | None = None  # steps prepared ahead
+        self._prepared: dict[tuple[int, int], Future] = {}
 
         self.optimizer = self._make_optimizer()
         # A plain function (not a bound method): LambdaLR then keeps it out of its state_dict.
@@ -214,13 +223,28 @@ class Trainer:
                     m.eval()
 
     def _open(self, specs, given, split) -> list[tuple[LabelledImages, bool]]:
+        wrap = InMemory if self.config.data.cache_in_memory else (lambda source: source)
         if given is not None:
-            return [(s, False) for s in given]
+            return [(wrap(s), False) for s in given]
         if not specs and split == "train":
             raise SegAnyError("the configuration has no training data (data.train is empty)")
-        return [(open_source(spec), bool(spec.partial)) for spec in specs]
+        return [(wrap(open_source(spec)), bool(spec.partial)) for spec in specs]
+
+    def _item_probabilities(self) -> np.ndarray | None:
+        """Per-item draw probabilities from the sources' weights (None: all equal)."""
+        specs = self.config.data.train
+        if len(specs) != len(self.train_sources) or all(s.weight == 1.0 for s in specs):
+            return None
+        p = np.array([specs[si].weight for si, _ in self._items], dtype=np.float64)
+        return p / p.sum()
 
     def _check(self, sources, what: str) -> list[tuple[int, int]]:
+        if self.config.data.cache_in_memory and self.config.data.workers > 0:
+            # Decode every item once, in parallel, into the memory cache: the checks below
+            # then read from memory (PIL decoding releases the GIL).
+            with ThreadPoolExecutor(self.config.data.workers) as pool:
+                for source, _partial in sources:
+                    list(pool.map(lambda i, s=source: _try_read(s, i), range(len(source))))
         items: list[tuple[int, int]] = []
         errors: list[str] = []
         warnings_all: list[str] = []
@@ -305,7 +329,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _draw_item(self, rng: np.random.Generator) -> tuple[int, int]:
-        return self._items[int(rng.integers(len(self._items)))]
+        if self._item_p is None:
+            return self._items[int(rng.integers(len(self._items)))]
+        return self._items[int(rng.choice(len(self._items), p=self._item_p))]
+
+    def _draw_slot(self, step: int, micro: int, slot: int) -> tuple[AugmentedSample, np.ndarray]:
+        """One image of a batch, augmented, with the object ids to train on.
+
+        Each (step, micro-batch, slot) has its own generator, so the result is the same
+        whichever thread computes it and in whichever order."""
+        cfg = self.config
+        rng = np.random.default_rng(_seed_for(cfg.seed, step, micro, 3, slot))
+        for _ in range(50):
+            si, index = self._draw_item(rng)
+            sample = self._augmented(si, index, rng)
+            ids = sample_instances(sample.labels, cfg.data.masks_per_image, cfg.data.min_mask_area, rng)
+            if len(ids):
+                return sample, ids
+        raise DataError(
+            f"no object of at least data.min_mask_area={cfg.data.min_mask_area} pixels "
+            "found in 50 random crops; lower min_mask_area or the zoom"
+        )
+
+    def _draw_batch(self, step: int, micro: int) -> list[tuple[AugmentedSample, np.ndarray]]:
+        slots = range(self.config.batch_size)
+        if self._executor is None:
+            return [self._draw_slot(step, micro, b) for b in slots]
+        return list(self._executor.map(lambda b: self._draw_slot(step, micro, b), slots))
+
+    def _prepared_batch(self, micro: int) -> list[tuple[AugmentedSample, np.ndarray]]:
+        """This step's images; with ``data.workers``, also queue those of the next steps."""
+        cfg = self.config
+        if cfg.data.workers <= 0:
+            return self._draw_batch(self.step, micro)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(cfg.data.workers, thread_name_prefix="segany-data")
+            self._step_executor = ThreadPoolExecutor(cfg.data.prefetch, thread_name_prefix="segany-step")
+        key = (self.step, micro)
+        future = self._prepared.pop(key, None)
+        for ahead in range(1, cfg.data.prefetch + 1):
+            for m in range(cfg.grad_accum_steps):
+                k = (self.step + ahead, m)
+                if k not in self._prepared and self.step + ahead < cfg.steps:
+                    self._prepared[k] = self._step_executor.submit(self._draw_batch, *k)
+        if future is None:
+            return self._draw_batch(self.step, micro)
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the data threads (called at the end of :meth:`fit`)."""
+        if self._executor is not None:
+            for f in self._prepared.values():
+                f.cancel()
+            self._prepared.clear()
+            self._step_executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = self._step_executor = None
 
     def _augmented(self, si: int, index: int, rng: np.random.Generator):
         source, _partial = self.train_sources[si]
@@ -320,11 +399,17 @@ class Trainer:
         with self._autocast():
             return self.sam.image_encoder(torch.stack(inputs)).float()
 
-    def _batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch(self, rng: np.random.Generator, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings ``B x C x g x g``, ground truth ``M x L x L`` and image index ``M``."""
         cfg = self.config
         frozen = cfg.freeze.image_encoder
-        # (cache key or None, fresh sample or None, labels, object ids) per image.
+        if not frozen:
+            drawn = self._prepared_batch(micro)
+            embeddings = self._encode([self._to_input(sample.image) for sample, _ in drawn])
+            return (embeddings, *self._ground_truth([(sample.labels, ids) for sample, ids in drawn]))
+        # A frozen encoder sees each image under one of a few fixed augmentations, so that
+        # its embedding is computed once and then served from the cache.
+        # (cache key, fresh sample or None, labels, object ids) per image.
         picked: list[tuple[Any, Any, np.ndarray, np.ndarray]] = []
         tries = 0
         while len(picked) < cfg.batch_size:
@@ -335,45 +420,38 @@ class Trainer:
                     "found in 50 random crops per image; lower min_mask_area or the zoom"
                 )
             si, index = self._draw_item(rng)
-            key, sample = None, None
-            if frozen:
-                # A frozen encoder sees each image under one of a few fixed augmentations, so
-                # that its embedding is computed once and then served from the cache.
-                key = (si, index, int(rng.integers(max(1, cfg.frozen_augmentations))))
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    labels = self._cache[key][1]
-                else:
-                    sample = self._augmented(si, index, np.random.default_rng(_seed_for(cfg.seed, *key)))
-                    labels = sample.labels
+            key, sample = (si, index, int(rng.integers(max(1, cfg.frozen_augmentations)))), None
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                labels = self._cache[key][1]
             else:
-                sample = self._augmented(si, index, rng)
+                sample = self._augmented(si, index, np.random.default_rng(_seed_for(cfg.seed, *key)))
                 labels = sample.labels
             ids = sample_instances(labels, cfg.data.masks_per_image, cfg.data.min_mask_area, rng)
             if len(ids):
                 picked.append((key, sample, labels, ids))
 
-        if frozen:
-            # dict: one encoder pass per key even if the batch drew the same key twice.
-            missing = list({key: sample for key, sample, _, _ in picked if sample is not None}.items())
-            if missing:
-                with torch.no_grad():
-                    emb = self._encode([self._to_input(sample.image) for _, sample in missing])
-                for (key, sample), e in zip(missing, emb):
-                    self._cache_put(key, e, sample.labels)
-            embeddings = torch.stack([self._cache[key][0] for key, _, _, _ in picked])
-        else:
-            embeddings = self._encode([self._to_input(sample.image) for _, sample, _, _ in picked])
+        # dict: one encoder pass per key even if the batch drew the same key twice.
+        missing = list({key: sample for key, sample, _, _ in picked if sample is not None}.items())
+        if missing:
+            with torch.no_grad():
+                emb = self._encode([self._to_input(sample.image) for _, sample in missing])
+            for (key, sample), e in zip(missing, emb):
+                self._cache_put(key, e, sample.labels)
+        embeddings = torch.stack([self._cache[key][0] for key, _, _, _ in picked])
+        return (embeddings, *self._ground_truth([(labels, ids) for _, _, labels, ids in picked]))
 
+    def _ground_truth(self, items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Object masks ``M x L x L`` (at the loss resolution) and their image index ``M``."""
         gts, index = [], []
-        for b, (_, _, labels, ids) in enumerate(picked):
+        for b, (labels, ids) in enumerate(items):
             lab = torch.as_tensor(labels.astype(np.int32, copy=False), device=self.device)
             gts.append(lab[None] == torch.as_tensor(ids, device=self.device)[:, None, None])
             index += [b] * len(ids)
         gt = torch.cat(gts)
         if not self.config.loss_at_full_resolution:
             gt = _downsample_masks(gt, self.mask_size)
-        return embeddings, gt, torch.as_tensor(index, device=self.device)
+        return gt, torch.as_tensor(index, device=self.device)
 
     def _cache_put(self, key, embedding: torch.Tensor, labels: np.ndarray) -> None:
         labels = labels.astype(np.uint16) if labels.max() < 65536 else labels
@@ -391,10 +469,10 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ one step
-    def _forward(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward(self, rng: np.random.Generator, gen: torch.Generator, micro: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch: the simulated interactive sessions of every sampled object."""
         cfg = self.config
-        embeddings, gt, image_index = self._batch(rng)
+        embeddings, gt, image_index = self._batch(rng, micro)
         pe, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
         emb = embeddings[image_index]
         m = gt.shape[0]
@@ -460,7 +538,7 @@ class Trainer:
         for micro in range(cfg.grad_accum_steps):
             rng = np.random.default_rng(_seed_for(cfg.seed, self.step, micro, 1))
             gen = torch.Generator(device=self.device).manual_seed(_seed_for(cfg.seed, self.step, micro, 2))
-            loss, parts = self._forward(rng, gen)
+            loss, parts = self._forward(rng, gen, micro)
             loss = loss / cfg.grad_accum_steps
             if not torch.isfinite(loss):
                 raise SegAnyError(
@@ -506,6 +584,7 @@ class Trainer:
         try:
             return self._fit(stop_at)
         finally:
+            self.close()
             torch.set_num_threads(threads)
 
     def _fit(self, stop_at: int | None) -> TrainResult:
@@ -618,6 +697,14 @@ def _init_from_scratch(sam: Sam, mimetic: bool = True) -> None:
             elif hasattr(module, "qkv") and isinstance(module.qkv, nn.Linear):
                 dim = module.qkv.out_features // 3
                 module.qkv.weight[dim : 2 * dim].copy_(module.qkv.weight[:dim])
+
+
+def _try_read(source: LabelledImages, index: int) -> None:
+    """Read one item to warm a cache; its errors are reported by the checks that follow."""
+    try:
+        source[index]
+    except Exception:  # noqa: BLE001 - check_source reports each bad file with its reason
+        pass
 
 
 def _downsample_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
