@@ -233,8 +233,9 @@ class SegmentWidget(QWidget):
                 self._random_weights.add(choice.spec)
         self.model_combo.addItem("Checkpoint file...", _BROWSE)
         self.model_combo.setToolTip(
-            "Checkpoints in segany's cache (`segany fetch mobile_sam`), a file, or test_tiny "
-            "(random weights: only for trying the interface)"
+            "segany_lite (shipped with segany, no download), checkpoints in segany's cache "
+            "(`segany fetch mobile_sam`), a file, or test_tiny (random weights: only for "
+            "trying the interface)"
         )
         self.model_combo.currentIndexChanged.connect(self._on_model_chosen)
         form.addRow("Model", self.model_combo)

@@ -151,6 +151,10 @@ def test_registry_entries_are_well_formed():
     assert len(set(filenames)) == len(filenames), "two entries would share one cache file"
     for name, info in REGISTRY.items():
         assert info.name == name
+        if info.bundled:  # shipped in the package: nothing to download, always hashed
+            assert info.model_type == "segany_lite" and not info.url and not info.downloadable
+            assert re.fullmatch(r"[0-9a-f]{64}", info.sha256) and info.size > 1_000_000
+            continue
         assert info.model_type in ck.MODEL_TYPES
         assert info.url.startswith("https://")
         assert info.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", info.sha256)
@@ -394,12 +398,20 @@ def test_guess_width_with_wrong_depth_is_custom():
 
 
 def test_guess_tiny_vit():
+    from segany.build import build_sam
+
+    with torch.device("meta"):
+        mobile_sam = build_sam("vit_t").state_dict()
+    assert guess_model_type(mobile_sam) == "vit_t"
+    # Another TinyViT (a user's wider or deeper one) is not MobileSAM's vit_t.
     state = {
         "image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 3, 3),
         "image_encoder.layers.0.blocks.0.conv1.c.weight": torch.zeros(64, 64, 1, 1),
+        "image_encoder.layers.2.blocks.0.attn.qkv.weight": torch.zeros(480, 160),
+        "image_encoder.norm_head.weight": torch.zeros(320),
         "mask_decoder.iou_token.weight": torch.zeros(1, 256),
     }
-    assert guess_model_type(state) == "vit_t"
+    assert guess_model_type(state) is None  # 1 block in stage 3, not 6
     assert guess_model_type({"mask_decoder.iou_token.weight": torch.zeros(1)}) is None
     assert describe_state_dict({"x": torch.zeros(1)}) == "no SAM image encoder"
 

@@ -406,10 +406,11 @@ def test_cli_eval_with_the_baseline(tmp_path, capsys):
     assert {r["protocol"] for r in rows} == {"point", "point_oracle", "clicks", "box"}
 
 
-def test_cli_eval_errors_exit_2_with_a_message(tmp_path, capsys):
+def test_cli_eval_errors_exit_2_with_a_message(tmp_path, capsys, monkeypatch):
     root = write_dataset(tmp_path / "cells", n_images=1)
-    code, _, err = run_cli(capsys, "eval", str(root), "-o", str(tmp_path / "o"), "-q")  # no default model yet
-    assert code == 2 and "segany fetch" in err
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path / "home"))  # an empty checkpoint cache
+    code, _, err = run_cli(capsys, "eval", str(root), "--model", "sam_vit_b", "-o", str(tmp_path / "o"), "-q")
+    assert code == 2 and "segany fetch sam_vit_b" in err
     code, _, err = run_cli(capsys, "eval", str(root), "--model", "baseline", "--protocols", "auto", "-q")
     assert code == 2 and "automatic" in err
     code, _, err = run_cli(capsys, "eval", str(root), "--model", "baseline", "--protocols", "lasso")

@@ -67,6 +67,5 @@ def test_click_decoder_equals_mask_decoder(batch, n_points, with_box):
     assert (iou - ref_iou).abs().max() < 1e-6
 
 
-def test_load_model_without_name_explains_what_to_fetch():
-    with pytest.raises(segany.CheckpointError, match="segany fetch"):
-        segany.load_model()
+def test_load_model_without_name_is_the_shipped_model():
+    assert segany.load_model(device="cpu").model_type == "segany_lite"  # details: test_default_model

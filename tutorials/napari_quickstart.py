@@ -18,9 +18,10 @@ Run it (headless machines need a virtual display)::
 
 Screenshots (``01_embedded.png`` ...) and the exported dataset go to the output folder.
 
-Models: by default the smallest SAM checkpoint in segany's cache (``segany fetch
-mobile_sam`` gets one, 40 MB). Without any, or with ``--model threshold``, the tutorial
-uses :class:`segany.interactive.ThresholdPredictor`, a model-free stand-in that segments the
+Models: by default the smallest trained model available, which is segany's own shipped
+model ``segany_lite`` (no download; ``--model mobile_sam`` or a checkpoint path picks
+another). With ``--model threshold`` the tutorial uses
+:class:`segany.interactive.ThresholdPredictor`, a model-free stand-in that segments the
 bright blob under a click: the clicks, layers and keys are exactly the same, only the masks
 come from thresholding instead of SAM (and automatic segmentation is skipped).
 """
@@ -38,8 +39,8 @@ from typing import Any
 import numpy as np
 
 STANDIN_NOTICE = (
-    "NOTE: no SAM checkpoint in segany's cache (or --model threshold): using the model-free "
-    "ThresholdPredictor stand-in. Fetch a real model with `segany fetch mobile_sam`."
+    "NOTE: no trained model available (or --model threshold): using the model-free "
+    "ThresholdPredictor stand-in."
 )
 
 

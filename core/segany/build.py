@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError, SegAnyError
 from .modeling import (
+    ConvNeXtEncoder,
     ImageEncoderViT,
     MaskDecoder,
     PromptEncoder,
@@ -35,7 +36,8 @@ class ModelConfig:
 
     Attributes:
         name: registry key (``"vit_b"``, ``"vit_t"``, ...).
-        encoder: ``"vit"`` (SAM's ViT) or ``"tiny_vit"`` (MobileSAM's TinyViT).
+        encoder: ``"vit"`` (SAM's ViT), ``"tiny_vit"`` (MobileSAM's TinyViT) or
+            ``"convnext"`` (segany's small convolutional encoder).
         encoder_kwargs: constructor arguments of the encoder.
         image_size: side of the square model input.
         patch_size: encoder stride; the embedding grid is ``image_size // patch_size``.
@@ -70,6 +72,7 @@ def _vit(name: str, width: int, depth: int, heads: int, global_blocks: tuple[int
 
 
 _CONFIGS: dict[str, ModelConfig] = {}
+ENCODER_KINDS = ("vit", "tiny_vit", "convnext")
 
 
 def register_config(config: ModelConfig, overwrite: bool = False) -> None:
@@ -83,8 +86,8 @@ def register_config(config: ModelConfig, overwrite: bool = False) -> None:
     """
     if config.name in _CONFIGS and not overwrite:
         raise SegAnyError(f"a model configuration named {config.name!r} is already registered")
-    if config.encoder not in ("vit", "tiny_vit"):
-        raise SegAnyError(f"unknown encoder kind {config.encoder!r} (use 'vit' or 'tiny_vit')")
+    if config.encoder not in ENCODER_KINDS:
+        raise SegAnyError(f"unknown encoder kind {config.encoder!r} (use one of {', '.join(ENCODER_KINDS)})")
     _CONFIGS[config.name] = config
 
 
@@ -111,6 +114,14 @@ for _config in (
         ),
         description="MobileSAM TinyViT (10.1 M parameters)",
     ),
+    # segany's own model (see docs/model-card.md): a ConvNeXt encoder small enough to be
+    # trained from scratch on a CPU, with SAM's prompt encoder and mask decoder.
+    ModelConfig(
+        name="segany_lite",
+        encoder="convnext",
+        encoder_kwargs=dict(dims=(32, 64, 128, 256), depths=(1, 2, 4, 2)),
+        description="segany's own small model: ConvNeXt encoder + SAM decoder (6 M parameters)",
+    ),
     # A deliberately tiny encoder with SAM's real prompt encoder and decoder: fast enough
     # for unit tests on a laptop CPU while exercising every interface.
     _vit("test_tiny", 64, 2, 2, (1,), "tiny random ViT for tests (not a useful model)"),
@@ -130,6 +141,8 @@ def _build_encoder(config: ModelConfig) -> nn.Module:
         )
         kwargs.update(config.encoder_kwargs)
         return ImageEncoderViT(**kwargs)
+    if config.encoder == "convnext":
+        return ConvNeXtEncoder(img_size=config.image_size, out_chans=PROMPT_EMBED_DIM, **config.encoder_kwargs)
     return TinyViT(img_size=config.image_size, **config.encoder_kwargs)
 
 
@@ -209,13 +222,6 @@ def build_sam(
     return sam.eval()
 
 
-DEFAULT_MODEL_HELP = (
-    "no model was named and segany does not ship a default model yet. Download an official "
-    "checkpoint with `segany fetch mobile_sam` (40 MB, fast on a CPU) or `segany fetch "
-    "sam_vit_b`, or pass the path of a checkpoint file you already have."
-)
-
-
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
@@ -225,17 +231,23 @@ def load_model(
     Args:
         name_or_path: a name from ``segany models`` (its file must be in the cache, see
             ``segany fetch``), or the path of a checkpoint file whose model type is
-            recognised from its keys; ``None`` for the default model.
+            recognised from its keys; ``None`` for segany's own small model, which ships
+            inside the package (works offline; see ``docs/model-card.md``).
         device: as in :func:`build_sam`; ``None`` picks CUDA when available.
 
-    Example (needs the real checkpoint files)::
+    Example:
+        >>> sam = load_model(device="cpu")      # the shipped default, hash-checked
+        >>> sam.model_type, tuple(sam.prompt_encoder.image_embedding_size)
+        ('segany_lite', (64, 64))
+
+    Official weights (after ``segany fetch sam_vit_b``)::
 
         sam = load_model("sam_vit_b")
     """
     from . import checkpoints
 
     if name_or_path is None:
-        raise CheckpointError(DEFAULT_MODEL_HELP)
+        name_or_path = checkpoints.DEFAULT_MODEL  # shipped in the package: works offline
     path, model_type, _info = checkpoints.resolve_checkpoint(name_or_path)
     if model_type is None:
         model_type = infer_model_type(checkpoints.load_state_dict(path))

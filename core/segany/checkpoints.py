@@ -59,9 +59,18 @@ __all__ = [
     "check_state_dict",
     "resolve_checkpoint",
     "is_usable",
+    "DEFAULT_MODEL",
+    "bundled_path",
+    "bundled_weights_dir",
 ]
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t")
+
+#: The model ``segany.load_model()`` returns when none is named: shipped in the package.
+DEFAULT_MODEL = "segany_lite"
+# Written by tools/train_default_model.py export (fp16 state dict in segany/weights/).
+BUNDLED_SIZE: int | None = 12265773
+BUNDLED_SHA256: str | None = "d323ce73ac178a75c23326c6078ac42f4148a0c5f3dccc43d0133f34c07fe6c0"
 
 # Status strings shown by `segany models`. "corrupt: <reason>" is built on the fly.
 STATUS_MISSING = "missing"
@@ -81,7 +90,8 @@ class CheckpointInfo:
     """One downloadable checkpoint.
 
     ``size`` (bytes) and ``sha256`` are ``None`` where the publisher does not state them; they
-    are never guessed. ``xxh128`` is the hash micro-sam publishes for its own files (it only
+    are never guessed. ``bundled`` entries ship inside the package (``segany/weights/``):
+    segany's own default model, usable offline. ``xxh128`` is the hash micro-sam publishes for its own files (it only
     publishes xxh128); segany checks it when the optional ``xxhash`` package is installed.
 
     Example:
@@ -100,12 +110,30 @@ class CheckpointInfo:
     license: str
     source: str
     xxh128: str | None = None
+    bundled: bool = False
+
+    @property
+    def downloadable(self) -> bool:
+        """False for weights that ship inside the segany package (nothing to download)."""
+        return not self.bundled
 
 
 def _entries() -> dict[str, CheckpointInfo]:
     fb = "https://dl.fbaipublicfiles.com/segment_anything/"
     bioimage = "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io/"
     entries = [
+        CheckpointInfo(
+            name=DEFAULT_MODEL,
+            model_type="segany_lite",
+            url="",
+            filename="segany_lite.pt",
+            size=BUNDLED_SIZE,
+            sha256=BUNDLED_SHA256,
+            description="segany's own small model, shipped with segany (ConvNeXt encoder + SAM decoder, 6 M parameters; docs/model-card.md)",
+            license="CC-BY-4.0 (weights; training data attribution in docs/model-card.md, incl. (c) OpenStreetMap contributors)",
+            source="segany (tools/train_default_model.py)",
+            bundled=True,
+        ),
         CheckpointInfo(
             name="sam_vit_b",
             model_type="vit_b",
@@ -222,11 +250,42 @@ def get_info(name: str) -> CheckpointInfo:
 def checkpoint_path(name: str) -> Path:
     """Return where checkpoint ``name`` is (or would be) stored: ``<home>/checkpoints/<file>``.
 
+    Bundled weights live in the package itself (``segany/weights/``).
+
     Example:
         >>> checkpoint_path("mobile_sam").parent.name
         'checkpoints'
+        >>> checkpoint_path("segany_lite").parent.name
+        'weights'
     """
-    return segany_home() / "checkpoints" / get_info(name).filename
+    info = get_info(name)
+    if info.bundled:
+        return bundled_weights_dir() / info.filename
+    return segany_home() / "checkpoints" / info.filename
+
+
+def bundled_path(name: str = DEFAULT_MODEL) -> Path:
+    """The verified file of a bundled model; a clear error if the installation lost it.
+
+    Example:
+        >>> bundled_path().name
+        'segany_lite.pt'
+    """
+    info = get_info(name)
+    path = checkpoint_path(name)
+    status = verify(name)
+    if not is_usable(status):
+        state = "is missing" if status == STATUS_MISSING else f"is {status}"
+        raise CheckpointError(
+            f"segany's shipped model file {path} {state}: the installation is incomplete or "
+            "damaged; reinstall segany (pip install --force-reinstall segany)"
+        )
+    return path
+
+
+def bundled_weights_dir() -> Path:
+    """The folder of the weights shipped inside the package."""
+    return Path(__file__).resolve().parent / "weights"
 
 
 def _known_names_hint(name: str) -> str:
@@ -404,6 +463,9 @@ def verify(name: str, *, force: bool = False, progress: bool = False) -> str:
         return STATUS_MISSING
     if not path.is_file():
         return f"corrupt: {path} is not a regular file"
+    if info.bundled:
+        # Small, and inside the package (often read-only): hashed every time, no sidecar.
+        return _verify_file(path, info, progress)[0]
     if not force:
         cached = _cached_status(path, info)
         if cached is not None:
@@ -493,6 +555,8 @@ def fetch(name: str, progress: bool = True, *, force: bool = False) -> Path:
     """
     info = get_info(name)
     dest = checkpoint_path(name)
+    if info.bundled:
+        return bundled_path(name)
     if dest.exists() and not force:
         status = verify(name, progress=progress)
         if is_usable(status):
@@ -797,13 +861,17 @@ def guess_model_type(state_dict: Mapping[str, Any]) -> str | None:
 
     ViT encoders are told apart by the width of ``image_encoder.patch_embed.proj.weight``
     (768 vit_b, 1024 vit_l, 1280 vit_h; a depth that does not match is a custom model);
-    TinyViT (MobileSAM) by its ``image_encoder.layers.`` keys. Custom widths give ``None``
-    (see :func:`describe_state_dict` for words).
+    TinyViT (MobileSAM) by its ``image_encoder.layers.`` keys, width and depth. Custom
+    widths give ``None`` (see :func:`describe_state_dict` for words).
 
     Example:
         >>> import torch
         >>> guess_model_type({"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)})
         'vit_l'
+        >>> wide_tiny_vit = {"image_encoder.layers.2.blocks.0.attn.qkv.weight": torch.zeros(3, 3),
+        ...                  "image_encoder.norm_head.weight": torch.zeros(512)}
+        >>> guess_model_type(wide_tiny_vit) is None
+        True
     """
     weight = state_dict.get("image_encoder.patch_embed.proj.weight")
     if weight is not None and hasattr(weight, "shape") and len(weight.shape) >= 1:
@@ -813,7 +881,13 @@ def guess_model_type(state_dict: Mapping[str, Any]) -> str | None:
             return None
         return model_type
     if any(str(key).startswith("image_encoder.layers.") for key in state_dict):
-        return "vit_t"
+        # MobileSAM's TinyViT-5M: 320 output channels and 6 blocks in the third stage; any
+        # other TinyViT (a user's wider or deeper one) is a custom configuration.
+        head = state_dict.get("image_encoder.norm_head.weight")
+        stage3 = {str(k).split(".")[4] for k in state_dict if str(k).startswith("image_encoder.layers.2.blocks.")}
+        if head is not None and hasattr(head, "shape") and tuple(head.shape) == (320,) and len(stage3) == 6:
+            return "vit_t"
+        return None
     return None
 
 
@@ -947,6 +1021,8 @@ def resolve_checkpoint(
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in REGISTRY:
         info = REGISTRY[text]
+        if info.bundled:
+            return bundled_path(text), info.model_type, info
         path = checkpoint_path(text)
         if not path.is_file():
             raise CheckpointError(
