@@ -30,7 +30,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --no-input --progress-bar off -c $(C
 PYTEST_ARGS ?=
 DEMO_OUTPUT ?= demo_output
 
-.PHONY: help setup test demo check-env links clean-venv FORCE
+.PHONY: help setup test demo check-env links clean-venv qgis-plugin default-model FORCE
 
 help: ## list the targets
 	@echo "segany make targets (setup, test, demo and check-env first install what is missing):"
@@ -38,8 +38,9 @@ help: ## list the targets
 
 setup: $(STAMPS)/pip links ## install everything (Debian packages, .venv, pip packages)
 
-test: setup ## run the whole pytest suite (pytest-xvfb starts Xvfb for napari)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+# No path argument: pyproject's testpaths run tests/ AND the core's docstring examples.
+test: setup ## run the whole pytest suite and the core's doctests (pytest-xvfb starts Xvfb for napari)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup ## run the demo, writing to demo_output/
 	$(PY) -m segany.demo --output $(DEMO_OUTPUT)
@@ -47,8 +48,24 @@ demo: setup ## run the demo, writing to demo_output/
 check-env: setup ## smoke-check torch, QGIS (+Processing), napari under Xvfb, qgis_process
 	bash tools/check-env.sh $(VENV)
 
+# Re-trains the shipped model (core/segany/weights/) from the shared data: stages resume
+# where they stopped (see tools/train_default_model.py and docs/model-card.md).
+TRAIN_DATA ?= $(CURDIR)/../shared/data/train
+default-model: setup ## re-train segany's shipped default model from $(TRAIN_DATA) (resumable)
+	$(PY) tools/train_default_model.py all --data $(TRAIN_DATA)
+
 clean-venv: ## remove .venv and the pip stamp (the next target rebuilds them)
 	rm -rf $(VENV) $(STAMPS)/pip
+
+# The plugin folder is LINKED (not copied) so edits show after a plugin reload, and so that
+# the plugin finds this checkout's .venv (segany, torch) next to it: see qgis_segany/environment.py.
+QGIS_PROFILE_DIR ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default
+qgis-plugin: ## link qgis_segany into the QGIS profile (override with QGIS_PROFILE_DIR=...)
+	mkdir -p "$(QGIS_PROFILE_DIR)/python/plugins"
+	ln -sfn "$(CURDIR)/qgis_segany" "$(QGIS_PROFILE_DIR)/python/plugins/qgis_segany"
+	@echo "linked $(QGIS_PROFILE_DIR)/python/plugins/qgis_segany -> $(CURDIR)/qgis_segany"
+	@echo "enable it in QGIS (Plugins > Manage and Install Plugins > Installed), or for qgis_process:"
+	@echo "  QT_QPA_PLATFORM=offscreen /usr/bin/qgis_process.bin plugins enable qgis_segany"
 
 # --- set-up steps -----------------------------------------------------------------------
 
