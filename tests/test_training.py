@@ -24,7 +24,7 @@ from segany.errors import SegAnyError
 from segany.training import TrainConfig, Trainer, load_config, train
 from segany.training import checkpointing, data, losses, prompts
 from segany.training.config import DataSource
-from segany.training.validation import evaluate_points, validate
+from segany.training.validation import validate
 
 DATA_ROOT = Path(os.environ.get("SEGANY_TRAIN_DATA", "/work/shared/data/train"))
 DSB_TRAIN = DATA_ROOT / "microscopy" / "dsb2018_stage1_train"
@@ -490,12 +490,19 @@ def test_bf16_autocast_and_gradient_accumulation_run_on_cpu(tmp_path):
 
 
 def test_validation_uses_the_evaluation_protocols(tmp_path, one_thread):
+    """Training curves report what `segany eval` would: the same protocols, the same numbers,
+    objects pooled over sources."""
+    from segany.evaluation import evaluate
+    from segany.predictor import SamPredictor
+
     sam = Trainer(small_config(tmp_path)).sam.eval()
-    source = data.SyntheticScenes(2, 64, seed=5)
-    ours = evaluate_points(sam, source, ("point", "clicks"), clicks=3, max_objects=None, min_area=10)
-    pooled = validate(sam, [source], ("point", "clicks"), clicks=3, max_objects=None, min_area=10)
+    a, b = data.SyntheticScenes(2, 64, seed=5), data.SyntheticScenes(1, 64, seed=6)
+    pooled = validate(sam, [a, b], ("point", "clicks"), clicks=3, max_objects=None, min_area=10)
+    direct = evaluate([a[0], a[1], b[0]], SamPredictor(sam), ["point", "clicks"], clicks=3, max_objects=None,
+                      min_area=10)
     assert set(pooled) == {"point_miou", "clicks_miou"}
-    assert 0 <= pooled["point_miou"] <= 1 and 0 <= ours["point_miou"] <= 1
+    assert pooled["point_miou"] == pytest.approx(direct.miou("point"), abs=1e-9)
+    assert pooled["clicks_miou"] == pytest.approx(direct.miou("clicks"), abs=1e-9)
 
 
 def test_train_command_line(tmp_path):
