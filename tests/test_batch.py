@@ -149,3 +149,83 @@ def test_segment_mode_gives_each_scene_its_prompts(tmp_path):
     manifest = run(folder, tmp_path / "out", job)
     assert manifest["scenes"]["here"]["objects"] == 1 and manifest["scenes"]["elsewhere"]["objects"] == 0
     assert len(gpd.read_file(tmp_path / "out" / "elsewhere.gpkg")) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def remote_cluster(tmp_path):
+    """A Dask scheduler and one worker as separate processes on the loopback interface:
+    what `segany batch --scheduler tcp://HOST:PORT` meets on a real cluster."""
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    logs = open(tmp_path / "cluster.log", "w")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", ":0"], stdout=logs, stderr=logs, env=env)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                   "--nworkers", "1", "--no-dashboard", "--local-directory", str(tmp_path / "w")],
+                                  stdout=logs, stderr=logs, env=env))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # wait until the worker has registered with the scheduler
+            try:
+                with Client(address, timeout="5s") as client:
+                    if client.scheduler_info()["workers"]:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the test cluster did not start: {(tmp_path / 'cluster.log').read_text()}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        logs.close()
+
+
+@pytest.mark.slow
+def test_batch_on_an_existing_scheduler_from_the_command_line(tmp_path, remote_cluster, capsys):
+    """The worker is another process that loads the model itself; results, manifest and a
+    rerun behave as with the default LocalCluster."""
+    from segany.cli import main
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for k in range(2):
+        make_scene(folder, name=f"scene{k}.tif")
+    out = tmp_path / "out"
+    args = ["batch", str(folder / "*.tif"), "-o", str(out), "--mode", "embed", "--model", "test_tiny",
+            "--scheduler", remote_cluster, "-q"]
+    assert main(args) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["done"] == 2 and manifest["summary"]["failed"] == 0
+    for k in range(2):
+        assert EmbeddingCache.open(out / manifest["scenes"][f"scene{k}"]["output"]).complete
+    assert main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["summary"]["skipped"] == 2
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(tmp_path, archive):
+    address = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    with pytest.raises(BatchError, match=f"cannot reach the Dask scheduler at {address}"):
+        run_batch(str(archive / "*.tif"), tmp_path / "out", BatchJob(mode="embed", model="test_tiny"),
+                  scheduler=address)
