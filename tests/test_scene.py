@@ -238,6 +238,38 @@ def test_automatic_mode_gives_one_object_per_real_object(tmp_path):
     assert by_area[45 * 22].n_tiles == 4  # seen whole by four tiles, kept once
 
 
+def test_a_u_shaped_object_whose_arms_cross_a_seam_comes_out_whole(tmp_path):
+    """The bend lies in the left tile, the two arms reach into the right one: the right
+    tile sees two separate pieces (one thin arm, one thick), the left one the whole U. On
+    the tiles' overlap the thin arm covers a quarter of the U, so the plain IoU rule would
+    leave it apart; matching connected pieces on the overlap joins both arms."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    u = ((yy >= 30) & (yy < 140) & (xx >= 140) & (xx < 170))  # the bend (left tile only)
+    u |= (yy >= 30) & (yy < 40) & (xx >= 140) & (xx < 420)  # thin arm, 10 px
+    u |= (yy >= 110) & (yy < 140) & (xx >= 140) & (xx < 420)  # thick arm, 30 px
+    data = np.full((3, H, W), 500, "uint16")
+    data[:, u] = 3000
+    raster = open_raster(write_test_raster(tmp_path / "u.tif", data, transform=TRANSFORM))
+    objs = segment_everything(raster, generator=ComponentGenerator(), grid=GRID)
+    assert len(objs) == 1, [(o.row0, o.col0, o.area) for o in objs]
+    assert_same_geometry(mask_to_geometry(objs[0].mask, raster.window_transform(objs[0].window)),
+                         mask_to_geometry(u, TRANSFORM))
+    assert objs[0].n_tiles == 2
+
+
+def test_objects_touching_across_a_seam_stay_apart(tmp_path):
+    """Two different objects side by side on the overlap (each one piece) are not joined by
+    the piece matching: it only applies to pieces of one mask."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    left = (yy >= 40) & (yy < 120) & (xx >= 150) & (xx < 240)  # ends inside the overlap (222-256)
+    right = (yy >= 40) & (yy < 120) & (xx >= 241) & (xx < 330)  # starts inside it, 1 px apart
+    data = np.full((3, H, W), 500, "uint16")
+    data[:, left | right] = 3000
+    raster = open_raster(write_test_raster(tmp_path / "two.tif", data, transform=TRANSFORM))
+    areas = sorted(o.area for o in segment_everything(raster, generator=ComponentGenerator(), grid=GRID))
+    assert areas == sorted([int(left.sum()), int(right.sum())])
+
+
 def test_automatic_mode_streams_objects_tile_by_tile_to_disk(tmp_path):
     raster = open_raster(make_scene(tmp_path))
     events = []

@@ -13,13 +13,16 @@ object that crosses tile borders comes out whole.
 row by row. Seams are handled by this rule:
 
     Two masks from *different* tiles are the same object when, on the pixels both tiles
-    see (their overlap), their IoU is at least ``merge_iou`` (0.5). Same-object masks are
-    grouped transitively and the object is the union of its masks; its predicted IoU and
+    see (their overlap), their IoU is at least ``merge_iou`` (0.5) -- or, when a mask crosses
+    the overlap in several pieces, the IoU of just the pieces of each that meet the other
+    is. Same-object masks are grouped transitively and the object is the union of its masks; its predicted IoU and
     stability are those of its largest mask; ``n_tiles`` counts the tiles that saw it.
 
 A mask cut by a seam and the same object seen whole (or cut elsewhere) by the neighbouring
 tile agree on the overlap, so they merge into one object; a duplicate (the same object
-seen twice in an overlap) merges with itself. Masks from the same tile are never merged
+seen twice in an overlap) merges with itself. A U-shaped object whose bend only one tile
+sees reaches the other tile as two arms: each arm matches its own piece of the whole U, so
+all three merge. Masks from the same tile are never merged
 (the generator already removed its own duplicates). The grid needs an overlap for this.
 
 Objects are final as soon as every tile that could still touch them has been processed;
@@ -489,8 +492,30 @@ def _same_object(a: _Part, b: _Part, merge_iou: float) -> bool:
         return out
 
     ma, mb = paste(a), paste(b)
-    union = np.count_nonzero(ma | mb)
-    return union > 0 and np.count_nonzero(ma & mb) / union >= merge_iou
+    if _iou_at_least(ma, mb, merge_iou):
+        return True
+    if not (ma & mb).any():
+        return False
+    # A mask may cross the overlap in several pieces (the arms of a U whose bend only one
+    # tile sees): then compare only the pieces that meet. Pieces of one mask belong to one
+    # object, so a piece matching a piece of the other mask is the same object.
+    return _iou_at_least(_pieces_meeting(ma, mb), _pieces_meeting(mb, ma), merge_iou)
+
+
+def _iou_at_least(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    union = np.count_nonzero(a | b)
+    return union > 0 and np.count_nonzero(a & b) / union >= threshold
+
+
+def _pieces_meeting(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected pieces of ``mask`` that share a pixel with ``other``."""
+    from scipy import ndimage
+
+    pieces, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    hit = np.unique(pieces[mask & other])
+    return np.isin(pieces, hit[hit > 0])
 
 
 class _Group:
