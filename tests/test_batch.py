@@ -222,6 +222,17 @@ def test_batch_on_an_existing_scheduler_from_the_command_line(tmp_path, remote_c
         assert EmbeddingCache.open(out / manifest["scenes"][f"scene{k}"]["output"]).complete
     assert main(args) == 0
     assert json.loads((out / "manifest.json").read_text())["summary"]["skipped"] == 2
+    _assert_global_dask_untouched()
+
+
+def _assert_global_dask_untouched():
+    """A batch run leaves Dask's global scheduler alone: plain .compute() still works after it
+    (a client left as the default, then closed, broke every later dask computation)."""
+    import dask
+    import dask.array as da
+
+    assert dask.config.get("scheduler", None) is None
+    assert int(da.ones(10, chunks=5).sum().compute()) == 10
 
 
 def test_an_unreachable_scheduler_is_a_clear_error(tmp_path, archive):
@@ -229,3 +240,4 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path, archive):
     with pytest.raises(BatchError, match=f"cannot reach the Dask scheduler at {address}"):
         run_batch(str(archive / "*.tif"), tmp_path / "out", BatchJob(mode="embed", model="test_tiny"),
                   scheduler=address)
+    _assert_global_dask_untouched()

@@ -311,11 +311,13 @@ def _client(scheduler: Any, n_workers: int, threads_per_worker: int, processes: 
     if scheduler is None:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
                                dashboard_address=None)
-        return Client(cluster), cluster
+        return Client(cluster, set_as_default=False), cluster
     if isinstance(scheduler, Client):
         return scheduler, None
     try:
-        return Client(scheduler, timeout="20s"), None
+        # set_as_default=False: a batch run must not leave Dask's global scheduler
+        # pointing at a client that it closes (later .compute() calls would fail).
+        return Client(scheduler, timeout="20s", set_as_default=False), None
     except (OSError, TimeoutError) as exc:
         raise BatchError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
 
@@ -417,7 +419,7 @@ def run_batch(
                                 key=f"segany-{name}-{run_id}-0", pure=False)
             by_key[fut.key] = (name, src, output, state, 1)
             futures.append(fut)
-        queue = as_completed(futures)
+        queue = as_completed(futures, loop=client.loop)  # not default_client(): ours is not global
         for fut in queue:
             if cancel is not None:
                 try:
@@ -446,8 +448,9 @@ def run_batch(
             if progress is not None:
                 progress(finished, total)
     finally:
-        if cluster is not None:
+        if client is not scheduler:  # ours to close; a caller's Client stays open
             client.close()
+        if cluster is not None:
             cluster.close()
     # Scenes in input order, for people reading the manifest.
     manifest["scenes"] = {n: manifest["scenes"][n] for n in names if n in manifest["scenes"]}

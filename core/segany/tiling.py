@@ -599,8 +599,10 @@ def encode_raster(
         dsk[("encode", b)] = (_encode, encoder, [("read", b, j) for j in range(len(batch))], cancel, previous)
         dsk[("write", b)] = (_write, cache, ("encode", b), counter)
     dsk["done"] = (sum, [("write", b) for b in range(len(batches))])
-    with dask.config.set(scheduler="threads"):
-        dask.threaded.get(dsk, "done", num_workers=max(1, num_workers))
+    # The threaded scheduler is called directly, not through dask.config.set: the config
+    # is process-global, and concurrent encodes (threads of a distributed worker, napari
+    # workers) entering and leaving it would leave a stale global scheduler behind.
+    dask.threaded.get(dsk, "done", num_workers=max(1, num_workers))
     return cache
 
 
