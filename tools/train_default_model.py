@@ -23,14 +23,19 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
 ``stage2``    continued training from stage 1 on the completed labels at 512 px, with the
               SAM paper's simulated interactive sessions (6 rounds: corrective clicks from
               the error region, previous logits fed back as mask input).
+``stage3``    decoder calibration at the full 1024 px input (64 x 64 embedding, as at
+              inference), with the encoder frozen and its embeddings cached: the mask
+              decoder's attention and IoU head were trained on 16 x 16 and 32 x 32 grids
+              (cheap inputs) and must rank candidates on 64 x 64 ones.
 ``export``    fp16 weights into ``core/segany/weights/`` (shipped in the wheel) and their
               size and sha256 for the checkpoint registry.
 ``evaluate``  the held-out splits, per domain, with segany's evaluation protocols, next to
               the classical single-click baseline (Otsu in a window around the click):
               ``WORK/evaluation.json`` and a Markdown table for the model card.
 
-Compute: bf16 autocast on the CPU (3x faster convolutions where the CPU has AVX512-BF16)
-or, with ``--device cuda``, on a GPU. Stop and continue with the same command: the trainer
+Compute: on the CPU, bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 or
+AMX: about 3x faster convolutions), else fp32 (bf16 emulated is 2x slower than fp32);
+with ``--device cuda``, bf16 on the GPU. Stop and continue with the same command: the trainer
 resumes from ``resume.pt``; ``--time-limit`` bounds one call of a training stage. With the
 defaults the shipped weights took about 45 minutes on 2 CPU cores (docs/model-card.md).
 """
@@ -175,48 +180,69 @@ STAGE_SIZES = {
     "warmup": lambda args: args.image_size,
     "stage1": lambda args: args.image_size,
     "stage2": lambda args: args.image_size2,
+    "stage3": lambda args: 1024,
 }
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch
+    emulates it and bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def precision(device: str) -> str:
+    return "bf16" if device.startswith("cuda") or cpu_has_bf16() else "fp32"
 
 
 def train_config(args: argparse.Namespace, stage: str, sources: list[dict], checkpoint: str | None) -> dict:
     gpu = args.device.startswith("cuda")
-    steps = {"warmup": args.steps0, "stage1": args.steps1, "stage2": args.steps2}[stage]
-    lr = args.lr if stage != "stage2" else args.lr * 0.5
+    steps = {"warmup": args.steps0, "stage1": args.steps1, "stage2": args.steps2, "stage3": args.steps3}[stage]
+    lr = {"stage2": args.lr * 0.5, "stage3": args.lr * 0.1}.get(stage, args.lr)
+    late = stage in ("stage2", "stage3")
+    size = STAGE_SIZES[stage](args)
     return {
-        "model": _model_spec(STAGE_SIZES[stage](args), checkpoint),
+        "model": _model_spec(size, checkpoint),
         "data": {
             "train": sources,
-            "masks_per_image": args.masks_per_image2 if stage == "stage2" else args.masks_per_image,
+            "masks_per_image": args.masks_per_image2 if late else args.masks_per_image,
             # Stage 1 starts on objects of at least 16 x 16 px (4 x 4 low-resolution cells):
             # tiny ones only teach a fresh model to answer "background" at first.
-            "min_mask_area": 64 if stage == "stage2" else max(64, STAGE_SIZES[stage](args) // 2),
+            "min_mask_area": 64 if late else max(64, size // 2),
             # Below 1024 px, zooms up to 1024/size show objects at their pixel size at 1024 px.
             "augment": {"hflip": True, "vflip": True, "rot90": True,
-                        "scale_range": [0.75, max(1.5, 1024 / STAGE_SIZES[stage](args))]},
+                        "scale_range": [0.75, max(1.5, 1024 / size)]},
             "check": True,
             "cache_in_memory": True,
             "workers": args.workers,
             "prefetch": 3,
         },
         "steps": steps,
-        "batch_size": args.batch_size2 if stage == "stage2" else args.batch_size,
+        "batch_size": args.batch_size2 if late else args.batch_size,
         # Curriculum: stage 1 learns single prompts (1 round: point or box, 6x cheaper per
-        # object, so many more objects); stage 2 the paper's interactive sessions.
+        # object, so many more objects); stage 2 the paper's interactive sessions; stage 3
+        # the first prompt again (the 1-click ranking), now on the 64 x 64 grid.
         "rounds": args.rounds if stage == "stage2" else 1,
+        # Stage 3: the encoder is fixed, so each image is seen under 2 cached augmentations.
+        "freeze": {"image_encoder": stage == "stage3"},
+        "frozen_augmentations": 2,
+        "embedding_cache_mb": 12000,
         # From scratch on small objects the paper's focal:dice 20:1 (alpha 0.25, which
         # down-weights object pixels) collapses to "background everywhere" (seen here: train
         # IoU 0.000 at steps 50-75), and so does 4:1 without alpha (IoU 0.004 at step 80 of a
         # 256 px probe run); 1:1 with alpha 0.75 (object pixels up-weighted) learns (IoU
         # 0.32 at step 80 of the same probe).
         "loss": {"focal": 1.0, "focal_alpha": 0.75},
-        "box_probability": 0.5,
+        "box_probability": 0.3 if stage == "stage3" else 0.5,
         "num_threads": None if gpu else (os.cpu_count() or 1),
         "optim": {
             "lr": lr, "weight_decay": 0.05, "warmup_steps": min(250, max(10, steps // 16)),
             "decay_steps": [int(steps * 0.7), int(steps * 0.9)], "grad_clip": 1.0,
         },
-        # bf16 autocast also on CPUs: 3x faster convolutions where the CPU has AVX512-BF16.
-        "precision": "bf16",
+        "precision": precision(args.device),
         "device": args.device,
         "output_dir": str(args.work / stage),
         "seed": 0,
@@ -260,8 +286,15 @@ def cmd_warmup(args: argparse.Namespace) -> None:
     _train(args, "warmup", sources, None)
 
 
+def _start(args: argparse.Namespace, default: Path) -> str:
+    """The weights a stage starts from: ``--init`` when given (continuing a model trained
+    before, e.g. the shipped one), else the previous stage's output."""
+    return str(args.init or default)
+
+
 def cmd_stage1(args: argparse.Namespace) -> None:
-    _train(args, "stage1", _sources(args.train_root), str(args.work / "warmup" / "model.pt"))
+    # The engine's completed labels when a round was run before (continuing a model).
+    _train(args, "stage1", _engine_sources(args), _start(args, args.work / "warmup" / "model.pt"))
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
@@ -273,22 +306,30 @@ def cmd_engine(args: argparse.Namespace) -> None:
     from segany.training import load_trained_model
 
     # The stage-1 model at the input size it was trained at (its sidecar names it).
-    model = load_trained_model(args.work / "stage1" / "model.pt", device=args.device)
+    model = load_trained_model(_start(args, args.work / "stage1" / "model.pt"), device=args.device)
     for domain in ENGINE_DOMAINS:
         images = sorted((args.train_root / domain / "images").iterdir())
         report = pseudo_label(
             images, args.work / "engine" / f"{domain}_pseudo", model=model, device=args.device,
-            pred_iou_thresh=0.88, stability_thresh=0.92, points_per_side=12, min_area=64, progress=not args.quiet,
+            pred_iou_thresh=args.engine_iou, stability_thresh=args.engine_stability, points_per_side=12, min_area=64,
+            progress=not args.quiet,
         )
         print(f"engine: {domain}: {len(report.written)} images pseudo-labelled, {report.objects} objects")
         merge_datasets(args.train_root / domain, args.work / "engine" / f"{domain}_pseudo",
                        args.work / "engine" / f"{domain}_merged", max_overlap=0.1, min_area=64)
 
 
-def cmd_stage2(args: argparse.Namespace) -> None:
+def _engine_sources(args: argparse.Namespace) -> list[dict]:
     merged = {d: args.work / "engine" / f"{d}_merged" for d in ENGINE_DOMAINS}
-    merged = {d: p for d, p in merged.items() if p.exists()}
-    _train(args, "stage2", _sources(args.train_root, merged), str(args.work / "stage1" / "model.pt"))
+    return _sources(args.train_root, {d: p for d, p in merged.items() if p.exists()})
+
+
+def cmd_stage2(args: argparse.Namespace) -> None:
+    _train(args, "stage2", _engine_sources(args), _start(args, args.work / "stage1" / "model.pt"))
+
+
+def cmd_stage3(args: argparse.Namespace) -> None:
+    _train(args, "stage3", _engine_sources(args), _start(args, args.work / "stage2" / "model.pt"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +340,7 @@ def cmd_stage2(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    source = Path(args.weights or args.work / "stage2" / "model.pt")
+    source = Path(args.weights or args.work / "stage3" / "model.pt")
     state = torch.load(source, map_location="cpu", weights_only=True)
     # fp16 storage halves the wheel; BatchNorm counters stay integers. Loading converts back
     # to fp32 (load_state_dict copies into the model's fp32 parameters).
@@ -372,7 +413,7 @@ def markdown_table(report: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["split", "warmup", "stage1", "engine", "stage2", "export", "evaluate", "all"])
+    parser.add_argument("stage", choices=["split", "warmup", "stage1", "engine", "stage2", "stage3", "export", "evaluate", "all"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train"), help="the shared data's train/ folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "default_model")
     parser.add_argument("--train-root", type=Path, help="training split folder (default: WORK/splits/train)")
@@ -381,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps0", type=int, default=80, help="warmup steps")
     parser.add_argument("--steps1", type=int, default=2000)
     parser.add_argument("--steps2", type=int, default=240)
+    parser.add_argument("--steps3", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--masks-per-image", type=int, default=8)
@@ -391,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size2", type=int, default=512, help="stage2: model input size")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--time-limit", type=float, help="seconds per call of a training stage (then resume)")
+    # SAM's engine keeps predicted IoU >= 0.88 from a model whose IoU head says so when it
+    # is right; a small model's head is calibrated to its own (lower) quality.
+    parser.add_argument("--engine-iou", type=float, default=0.88, help="engine: keep masks with predicted IoU >= this")
+    parser.add_argument("--engine-stability", type=float, default=0.92, help="engine: and stability >= this")
+    parser.add_argument("--init", type=Path, help="stage1/2/3: start from these weights instead of the previous stage's")
     parser.add_argument("--weights", help="export/evaluate: this checkpoint instead of the default")
     parser.add_argument("--max-objects", type=int, default=20, help="evaluate: objects per image (largest first)")
     parser.add_argument("--max-images", type=int, help="evaluate: images per domain (default: all)")
@@ -403,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
     args.train_root = args.train_root or args.work / "splits" / "train"
-    stages = ["split", "warmup", "stage1", "engine", "stage2", "export", "evaluate"] if args.stage == "all" else [args.stage]
-    commands = {"split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2,
+    stages = ["split", "warmup", "stage1", "engine", "stage2", "stage3", "export", "evaluate"] if args.stage == "all" else [args.stage]
+    commands = {"split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2, "stage3": cmd_stage3,
                 "export": cmd_export, "evaluate": cmd_evaluate}
     for stage in stages:
         print(f"== {stage}", flush=True)
