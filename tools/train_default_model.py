@@ -36,8 +36,8 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
 Compute: on the CPU, bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 or
 AMX: about 3x faster convolutions), else fp32 (bf16 emulated is 2x slower than fp32);
 with ``--device cuda``, bf16 on the GPU. Stop and continue with the same command: the trainer
-resumes from ``resume.pt``; ``--time-limit`` bounds one call of a training stage. With the
-defaults the shipped weights took about 45 minutes on 2 CPU cores (docs/model-card.md).
+resumes from ``resume.pt``; ``--time-limit`` bounds one call of a training stage. The run
+record of the shipped weights is in docs/model-card.md.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t")
 DEFAULT_MODEL = "segany_lite"
 # Written by tools/train_default_model.py export (fp16 state dict in segany/weights/).
 BUNDLED_SIZE: int | None = 12265773
-BUNDLED_SHA256: str | None = "d323ce73ac178a75c23326c6078ac42f4148a0c5f3dccc43d0133f34c07fe6c0"
+BUNDLED_SHA256: str | None = "14048d64a9fe2910eadbd23dbd223d65dd024c16a1aa18c99a46a6051181f41e"
 
 # Status strings shown by `segany models`. "corrupt: <reason>" is built on the fly.
 STATUS_MISSING = "missing"
