@@ -74,6 +74,7 @@ from .masks import (
 from .modeling import Sam
 from .modeling.click_decoder import ClickDecoder, DecoderImageCache, _token_to_image
 from .predictor import ImageEmbedding, SamPredictor
+from .resample import band, postprocess_axis_matrix
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Prompts per decoder call on a CPU. The decoder's per-prompt tensors are large (4096 x 256
@@ -159,31 +160,6 @@ class MaskSet:
 # ---------------------------------------------------------------------------- resampling
 
 
-def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``n_out x n_in`` matrix of 1D bilinear resizing (``F.interpolate``, align_corners=False)."""
-    dst = np.arange(n_out, dtype=np.float64)
-    src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = np.clip(src - i0, 0.0, 1.0)
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1.0 - lam)
-    np.add.at(m, (rows, i1), lam)
-    return m
-
-
-def _axis_matrix(n_low: int, n_model: int, n_input: int, n_out: int) -> np.ndarray:
-    """One axis of :meth:`Sam.postprocess_masks` as a matrix ``n_out x n_low``.
-
-    Low-res -> model size (``n_low -> n_model``), keep the first ``n_input`` (the padding is
-    cropped away), then ``n_input -> n_out``. Each row has at most 3 consecutive non-zeros.
-    """
-    up = _linear_resize_matrix(n_low, n_model)[:n_input]
-    down = _linear_resize_matrix(n_input, n_out)
-    return down @ up
-
-
 class _WindowResampler:
     """Full-resolution logits of one crop, computed only inside a window.
 
@@ -194,10 +170,10 @@ class _WindowResampler:
     """
 
     def __init__(self, low_size: tuple[int, int], model_size: int, input_size: tuple[int, int], out_size: tuple[int, int]) -> None:
-        ah = _axis_matrix(low_size[0], model_size, input_size[0], out_size[0])
-        aw = _axis_matrix(low_size[1], model_size, input_size[1], out_size[1])
-        self.lo_h, self.hi_h = _band(ah)
-        self.lo_w, self.hi_w = _band(aw)
+        ah = postprocess_axis_matrix(low_size[0], model_size, input_size[0], out_size[0])
+        aw = postprocess_axis_matrix(low_size[1], model_size, input_size[1], out_size[1])
+        self.lo_h, self.hi_h = band(ah)
+        self.lo_w, self.hi_w = band(aw)
         self.ah = ah.astype(np.float32)
         self.aw = aw.astype(np.float32)
         self.used = (int(self.hi_h.max()) + 1, int(self.hi_w.max()) + 1)
@@ -247,15 +223,6 @@ def _block_size(lo: np.ndarray, hi: np.ndarray, start: int, stop: int, other: in
     while size > 1 and other * (size * density + 3) * size > _GEMM_WORK:
         size //= 2
     return size
-
-
-def _band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First and last non-zero column of every row (monotone for resampling matrices)."""
-    nz = matrix != 0
-    n = matrix.shape[1]
-    lo = np.where(nz.any(1), nz.argmax(1), 0)
-    hi = np.where(nz.any(1), n - 1 - nz[:, ::-1].argmax(1), 0)
-    return np.maximum.accumulate(lo), np.maximum.accumulate(hi)
 
 
 # ---------------------------------------------------------------------------- decoder

@@ -26,6 +26,7 @@ from .errors import ImageError, PromptError, SegAnyError
 from .image import prepare_image
 from .modeling import Sam
 from .modeling.click_decoder import ClickDecoder, DecoderImageCache
+from .resample import MaskUpsampler
 from .transforms import ResizeLongestSide
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,6 +106,15 @@ class SamPredictor:
         self.input_size: tuple[int, int] | None = None
         self.valid_mask: np.ndarray | None = None
         self._decoder_cache: DecoderImageCache | None = None
+
+    def _upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """``Sam.postprocess_masks`` as two banded resamplings (segany.resample): equal up to
+        float rounding, without the 1024 x 1024 intermediate (most of a CPU click's cost)."""
+        key = (tuple(low_res.shape[-2:]), self.model.img_size, self.input_size, self.original_size)
+        upsampler = getattr(self, "_upsampler", None)
+        if upsampler is None or upsampler.key != key or upsampler.row_index.device != low_res.device:
+            upsampler = self._upsampler = MaskUpsampler(key[0], key[1], key[2], key[3], device=low_res.device)
+        return upsampler(low_res)
 
     def _autocast(self):
         dtype = _PRECISIONS[self.precision]
@@ -462,7 +472,7 @@ class SamPredictor:
                     multimask_output=multimask_output,
                 )
         low_res = low_res.float()
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        masks = self._upsample(low_res)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou.float(), low_res
