@@ -106,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             gui_cpu.append((c2 - c0) * 1000)
     session.decode = plain_decode
 
+    # Baseline in the same process: the same prompts decoded by the same session with no
+    # viewer work around them (what the core costs; the rest is napari, Qt and GL).
+    session.clear()
+    bare = []
+    for i in range(args.warmup + args.clicks):
+        k = rng.integers(len(ys))
+        request = session.set_prompt([[float(xs[k]), float(ys[k])]], [1])
+        t0 = time.perf_counter()
+        session.accept(session.decode(request))
+        if i >= args.warmup:
+            bare.append((time.perf_counter() - t0) * 1000)
+        session.clear()
+
     median = statistics.median(latencies)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = {
@@ -120,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_ms_median": round(statistics.median(decodes), 1),
         "decode_cpu_ms_median": round(1000 * statistics.median(decode_cpu[args.warmup:]), 1),
         "gui_thread_cpu_ms_median": round(statistics.median(gui_cpu), 1),
+        "core_decode_without_viewer_ms_median": round(statistics.median(bare), 1),
         "load_average_1min": round(load, 2),
         "cpu_count": os.cpu_count(),
     }
@@ -135,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         + (", the only torch thread)" if torch.get_num_threads() == 1 else "; torch helper threads not counted)")
         + f", GUI thread {result['gui_thread_cpu_ms_median']:.1f} ms (napari's point handling, preview "
         "refresh and repaint); on an idle machine the two overlap"
+    )
+    print(
+        f"baseline, same process, no viewer work: session decode (prompt -> candidate masks) median "
+        f"{result['core_decode_without_viewer_ms_median']:.1f} ms; in the viewer "
+        f"x{median / result['core_decode_without_viewer_ms_median']:.1f} of it"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
