@@ -42,6 +42,10 @@ class ModelConfig:
         image_size: side of the square model input.
         patch_size: encoder stride; the embedding grid is ``image_size // patch_size``.
         description: one line for listings.
+        decoder_dim: width of the image embedding, prompt tokens and mask decoder (SAM:
+            256; every official and shipped model keeps it, a narrower one only suits
+            small experiments such as the from-scratch training test).
+        decoder_mlp_dim, decoder_heads: the two-way transformer's MLP width and heads.
     """
 
     name: str
@@ -50,6 +54,9 @@ class ModelConfig:
     image_size: int = 1024
     patch_size: int = 16
     description: str = ""
+    decoder_dim: int = PROMPT_EMBED_DIM
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
 
     @property
     def embedding_size(self) -> int:
@@ -134,7 +141,7 @@ def _build_encoder(config: ModelConfig) -> nn.Module:
         kwargs = dict(
             img_size=config.image_size,
             patch_size=config.patch_size,
-            out_chans=PROMPT_EMBED_DIM,
+            out_chans=config.decoder_dim,
             mlp_ratio=4.0,
             qkv_bias=True,
             use_rel_pos=True,
@@ -142,8 +149,8 @@ def _build_encoder(config: ModelConfig) -> nn.Module:
         kwargs.update(config.encoder_kwargs)
         return ImageEncoderViT(**kwargs)
     if config.encoder == "convnext":
-        return ConvNeXtEncoder(img_size=config.image_size, out_chans=PROMPT_EMBED_DIM, **config.encoder_kwargs)
-    return TinyViT(img_size=config.image_size, **config.encoder_kwargs)
+        return ConvNeXtEncoder(img_size=config.image_size, out_chans=config.decoder_dim, **config.encoder_kwargs)
+    return TinyViT(img_size=config.image_size, out_chans=config.decoder_dim, **config.encoder_kwargs)
 
 
 def build_sam_from_config(config: ModelConfig) -> Sam:
@@ -152,19 +159,20 @@ def build_sam_from_config(config: ModelConfig) -> Sam:
     sam = Sam(
         image_encoder=_build_encoder(config),
         prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_EMBED_DIM,
+            embed_dim=config.decoder_dim,
             image_embedding_size=(grid, grid),
             input_image_size=(config.image_size, config.image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
-            transformer_dim=PROMPT_EMBED_DIM,
+            transformer_dim=config.decoder_dim,
             transformer=TwoWayTransformer(
-                depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
+                depth=2, embedding_dim=config.decoder_dim, mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_heads,
             ),
             num_multimask_outputs=3,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=config.decoder_dim,
         ),
     )
     sam.model_type = config.name  # type: ignore[attr-defined]
