@@ -480,6 +480,19 @@ def test_frozen_encoder_embeddings_are_cached(tmp_path):
         assert torch.equal(v, before[k])
 
 
+def test_score_calibration_trains_only_the_iou_head(tmp_path):
+    """freeze.mask_decoder (+ encoders): masks stay exactly the same, only the scores move."""
+    cfg = small_config(tmp_path, **{"freeze.image_encoder": True, "freeze.prompt_encoder": True,
+                                    "freeze.mask_decoder": True, "steps": 4, "rounds": 1,
+                                    "loss": {"focal": 0.0, "dice": 0.0, "iou": 1.0},
+                                    "optim": {"lr": 1e-2, "warmup_steps": 0}})
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.sam.state_dict().items()}
+    trainer.fit()
+    changed = {k for k, v in trainer.sam.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("mask_decoder.iou_prediction_head.") for k in changed), changed
+
+
 def test_bf16_autocast_and_gradient_accumulation_run_on_cpu(tmp_path):
     cfg = small_config(tmp_path, **{"precision": "bf16", "grad_accum_steps": 2, "steps": 2, "rounds": 2,
                                     "loss_at_full_resolution": True, "optim.grad_clip": 1.0})

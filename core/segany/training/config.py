@@ -187,12 +187,17 @@ class FreezeConfig:
     """Parts kept fixed. With a frozen image encoder, embeddings are computed once per
     (image, augmentation) under no_grad and cached (``embedding_cache_mb``).
 
+    ``mask_decoder``: everything of the mask decoder except its IoU prediction head, so the
+    masks stay exactly as they are and only the predicted-IoU scores (which rank the 3
+    candidates of a click and filter automatic masks) learn: score calibration.
+
     ``batchnorm`` (TinyViT's BatchNorm layers): keep their running statistics (True), or
     train them (False); None: kept when starting from a checkpoint (batch statistics of a
     few images are noise), trained from scratch."""
 
     image_encoder: bool = False
     prompt_encoder: bool = False
+    mask_decoder: bool = False
     batchnorm: bool | None = None
 
 

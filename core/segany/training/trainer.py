@@ -206,6 +206,8 @@ class Trainer:
         ):
             for p in module.parameters():
                 p.requires_grad_(not frozen)
+        for name, p in self.sam.mask_decoder.named_parameters():
+            p.requires_grad_(not freeze.mask_decoder or name.startswith("iou_prediction_head."))
         self._set_train_mode()
 
     def _set_train_mode(self) -> None:
