@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     # is right; a small model's head is calibrated to its own (lower) quality.
     parser.add_argument("--engine-iou", type=float, default=0.88, help="engine: keep masks with predicted IoU >= this")
     parser.add_argument("--engine-stability", type=float, default=0.92, help="engine: and stability >= this")
-    parser.add_argument("--init", type=Path, help="stage1/2/3: start from these weights instead of the previous stage's")
+    parser.add_argument("--init", type=Path, help="engine and training stages: start from these weights instead of the previous stage's")
     parser.add_argument("--weights", help="export/evaluate: this checkpoint instead of the default")
     parser.add_argument("--max-objects", type=int, default=20, help="evaluate: objects per image (largest first)")
     parser.add_argument("--max-images", type=int, help="evaluate: images per domain (default: all)")

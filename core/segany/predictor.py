@@ -90,6 +90,8 @@ class SamPredictor:
         self.transform = ResizeLongestSide(sam_model.img_size)
         self._encoder = torch.compile(sam_model.image_encoder) if compile else sam_model.image_encoder
         self._click_decoder = ClickDecoder(sam_model.mask_decoder, sam_model.prompt_encoder)
+        # Built for the current sizes on first use; kept across images of the same size.
+        self._upsampler: MaskUpsampler | None = None
         self.reset_image()
 
     # ------------------------------------------------------------------ state
@@ -109,11 +111,11 @@ class SamPredictor:
 
     def _upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """``Sam.postprocess_masks`` as two banded resamplings (segany.resample): equal up to
-        float rounding, without the 1024 x 1024 intermediate (most of a CPU click's cost)."""
+        float rounding, without the 1024 x 1024 intermediate."""
         key = (tuple(low_res.shape[-2:]), self.model.img_size, self.input_size, self.original_size)
-        upsampler = getattr(self, "_upsampler", None)
+        upsampler = self._upsampler
         if upsampler is None or upsampler.key != key or upsampler.row_index.device != low_res.device:
-            upsampler = self._upsampler = MaskUpsampler(key[0], key[1], key[2], key[3], device=low_res.device)
+            upsampler = self._upsampler = MaskUpsampler(*key, device=low_res.device)
         return upsampler(low_res)
 
     def _autocast(self):

@@ -4,9 +4,11 @@
 padded model input (``1024``), crop the padding away, then to the original image size. Both
 steps are linear and separable, so each axis is one ``n_out x 256`` matrix with at most 3
 consecutive non-zeros per row (:func:`postprocess_axis_matrix`). Applying it as 3 gathers
-and weighted sums per axis never builds the ``1024 x 1024`` intermediate: on a CPU the
-interactive per-click cost drops several-fold, and the result equals the two-step one up to
-float rounding (~1e-6 in logits; only pixels whose logit is within that of 0 can flip).
+and weighted sums per axis never builds the ``1024 x 1024`` intermediate. Measured on a
+2-core CPU: 3 masks at 512 x 512 in 8.5 ms instead of 44 ms (one thread), a whole click
+10-25 % faster; at 1024 x 1024 with 2 threads about even with torch's threaded
+interpolation. The result equals the two-step one up to float rounding (up to ~5e-4 in
+logits where the reference crops and downsizes; < 1e-5 of pixels flip).
 
 Example:
     >>> import torch
