@@ -10,6 +10,12 @@ napari ``thread_worker``s with a progress bar in napari's activity dock; decodin
 (tens of milliseconds) runs in a light superqt worker, one at a time, and a prompt changed
 meanwhile is decoded next (older pending prompts are never decoded: only the newest counts).
 
+Decoding ahead of the click: when the pointer rests on the image (points layer in add mode,
+embedding cached), the prompt a click there would give is decoded in the same worker and
+kept by the session (:meth:`~segany.interactive.InteractiveSession.speculate`); the click on
+that pixel then shows its mask at once, without waiting for the decoder. Nothing is shown
+while hovering; only clicks change the object.
+
 Keys (on the viewer and on segany's layers):
 
 =========================  =====================================================
@@ -81,6 +87,10 @@ POSITIVE_COLOUR = np.array([0.2, 0.9, 0.2, 1.0])
 NEGATIVE_COLOUR = np.array([1.0, 0.2, 0.2, 1.0])
 # Preview and output labels are in-memory arrays the size of the image.
 MAX_LABEL_PIXELS = 2_000_000_000
+# How long the pointer must rest on a pixel before the prompt a click there would make is
+# decoded ahead: long enough to skip pixels the pointer only passes over (a moving pointer sends
+# a move event every ~10-20 ms), short against the ~200 ms a person rests before clicking.
+HOVER_REST_MS = 30
 _CUSTOM_SPEC = "<custom predictor>"
 _BROWSE = "<browse>"
 
@@ -163,11 +173,13 @@ class SegmentWidget(QWidget):
 
     Signals:
         preview_changed: the preview layer shows a new object state.
+        prefetch_done: the prompt of a click at the resting pointer was decoded ahead.
         embedding_done: an embedding job ended (finished, failed or cancelled).
         job_done: a propagation or automatic segmentation ended.
     """
 
     preview_changed = Signal()
+    prefetch_done = Signal()
     embedding_done = Signal()
     job_done = Signal()
 
@@ -202,6 +214,13 @@ class SegmentWidget(QWidget):
         self._pending_request: Any = None
         self.last_embed_thread: int | None = None
         self._bound: list[tuple[Any, str, Any]] = []
+        # The pointer's last position on the points layer (data coordinates, positive?), waiting
+        # for it to rest HOVER_REST_MS before its click's prompt is decoded ahead.
+        self._hover: tuple[tuple[float, ...], bool] | None = None
+        self._hover_timer = QTimer(self)
+        self._hover_timer.setSingleShot(True)
+        self._hover_timer.setInterval(HOVER_REST_MS)
+        self._hover_timer.timeout.connect(self._prefetch_hover)
         self._thumbnail_timer = QTimer(self)
         self._thumbnail_timer.setSingleShot(True)
         self._thumbnail_timer.setInterval(300)
@@ -271,6 +290,14 @@ class SegmentWidget(QWidget):
         self.polarity_button.toggled.connect(lambda on: self.set_positive(not on))
         self._update_polarity_button()
         form.addRow("New points", self.polarity_button)
+        self.prefetch_check = QCheckBox("Decode ahead where the pointer rests")
+        self.prefetch_check.setChecked(True)
+        self.prefetch_check.setToolTip(
+            "While the pointer rests on the image, compute the mask a click there would give, so "
+            "that the click shows it at once (uses the CPU/GPU while you point; nothing is shown "
+            "until you click)"
+        )
+        form.addRow(self.prefetch_check)
         mask_row = QHBoxLayout()
         self.mask_combo = QComboBox()
         self.mask_combo.setToolTip("An existing label (layer + id) used as a mask prompt")
@@ -431,6 +458,8 @@ class SegmentWidget(QWidget):
 
     def cleanup(self) -> None:
         """Stop workers and release key bindings and viewer connections (widget closing)."""
+        self._hover_timer.stop()
+        self._hover = None
         self.cancel()
         self._state["closed"] = True
         self._unbind_keys()
@@ -681,6 +710,7 @@ class SegmentWidget(QWidget):
                 self.points_layer.feature_defaults = {"positive": self._positive}
                 self.points_layer.events.data.connect(self._on_points_event)
                 self.points_layer.mouse_drag_callbacks.insert(0, self._on_points_press)
+                self.points_layer.mouse_move_callbacks.append(self._on_points_move)
                 self._bind_keys(self.points_layer)
                 self.points_layer.mode = "add"
             self.viewer.layers.selection.active = self.points_layer
@@ -892,6 +922,70 @@ class SegmentWidget(QWidget):
             key in event.modifiers for key in ("Shift", "Control", "Meta")
         )
 
+    def _on_points_move(self, layer: Points, event: Any) -> None:
+        # Called for pointer moves while the points layer is active; cheap: only restarts a timer.
+        if str(layer.mode) != "add" or not self.prefetch_check.isChecked():
+            return
+        negative = any(key in event.modifiers for key in ("Shift", "Control", "Meta"))
+        position = tuple(float(v) for v in layer.world_to_data(event.position))
+        self._hover = (position, self._positive and not negative)
+        self._hover_timer.start()
+
+    def hover(self, yx: tuple[float, ...], positive: bool | None = None) -> None:
+        """The pointer moved to data coordinates ``(..., row, col)`` (what a mouse move does).
+
+        If it rests there for ``HOVER_REST_MS``, the prompt a click there would make is decoded
+        ahead (``prefetch_done`` is emitted when that is done).
+
+        Example:
+            >>> widget.hover((120.0, 85.0))            # doctest: +SKIP
+            >>> widget.add_point((120.0, 85.0))        # shown at once once prefetch_done fired
+        """
+        self._hover = (tuple(float(v) for v in yx), self._positive if positive is None else bool(positive))
+        self._hover_timer.start()
+
+    def _prefetch_hover(self) -> None:
+        """The pointer rests: decode the prompt a click under it would make (nothing shown)."""
+        session, layer, hover = self.session, self.points_layer, self._hover
+        if (
+            hover is None or session is None or layer is None or self._state["closed"]
+            or not self.prefetch_check.isChecked() or _running(self._embed_worker)
+        ):
+            return
+        if _running(self._decode_worker) or self._pending_request is not None:
+            self._hover_timer.start()  # the decoder is busy with a click: try again shortly
+            return
+        self._hover = None
+        yx, positive = hover
+        key = self._slice_key()
+        if len(yx) != layer.ndim or tuple(int(round(v)) for v in yx[:-2]) != key:
+            return
+        try:
+            coords = np.concatenate([np.asarray(layer.data, float).reshape(-1, layer.ndim), [yx]])
+            flags = np.append(layer.features["positive"].to_numpy(bool), positive)
+            points, labels, _ = points_for_slice(coords, flags, key, session.spatial_shape)
+            box = None
+            if self.boxes_layer is not None and len(self.boxes_layer.data):
+                box = box_for_slice(self.boxes_layer.data, key, session.spatial_shape, self.boxes_layer.shape_type)
+            request = session.speculate(points, labels, box, self._mask_prompt(key), slice_key=key)
+        except SegAnyError:
+            return  # the click would report it; hovering stays silent
+        if request is None:
+            return
+        worker = create_light_worker(_guarded, session.decode, request, _start_thread=False)
+        _track(worker)
+        worker.returned.connect(lambda result, owner=session: self._on_prefetched(owner, result))
+        worker.finished.connect(lambda: self._on_decode_finished(worker))
+        self._decode_worker = worker
+        worker.start()
+
+    @_alive
+    def _on_prefetched(self, session: InteractiveSession, result: Any) -> None:
+        if session is not self.session or isinstance(result, _Failure) or result is _CANCELLED:
+            return
+        session.remember(result)
+        self.prefetch_done.emit()
+
     def _layers_current(self) -> bool:
         layer = self.image_layer()
         return (
@@ -946,14 +1040,18 @@ class SegmentWidget(QWidget):
             else:
                 positive = self._positive and not self._click_negative
             self._click_negative = False
-            if positive != self._positive:
-                # Not the layer's default (a Shift/Ctrl+click): fix the new point's polarity.
-                indices = [i % len(layer.data) for i in event.data_indices]
+            indices = [i % len(layer.data) for i in event.data_indices]
+            if (layer.features["positive"].to_numpy(bool)[indices] != positive).any():
+                # Not the layer's default (a Shift/Ctrl+click, or defaults napari copied from a
+                # selected point of the other polarity): fix the new point's polarity.
                 layer.features.loc[indices, "positive"] = positive
                 recolour = True
         self._on_prompts_changed()  # decoding starts first: colours can wait a few ms
         if recolour:
             layer.refresh_colors(update_color_mapping=False)
+        if action == "added" and bool(layer.feature_defaults["positive"].iloc[0]) != self._positive:
+            # napari makes a selected point's features the defaults of the next one.
+            layer.feature_defaults = {"positive": self._positive}
 
     def _on_layer_prompt_event(self, event: Any) -> None:
         action = str(getattr(event, "action", ""))
@@ -1009,8 +1107,15 @@ class SegmentWidget(QWidget):
         session = self.session
         if session is None:
             return
+        hit = session.prefetched(request)
+        if hit is not None:  # decoded ahead while the pointer rested here: show it now
+            self._pending_request = None
+            self._on_decoded(hit)
+            return
         if _running(self._decode_worker):
-            self._pending_request = request  # decoded when the running one ends; newest wins
+            # Decoded when the running one ends (a prefetch of this very prompt answers it
+            # then); newest wins.
+            self._pending_request = request
             return
         missing = session.missing_embeddings(request)
         if missing:

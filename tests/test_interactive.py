@@ -85,7 +85,8 @@ def test_prompt_validation_messages():
 def test_layer_coordinates_to_prompts_in_4d():
     coords = np.array([[1, 2, 10.4, 20.6], [1, 3, 5, 5], [1, 2, -3, 4], [1, 2, 0, 0]])
     xy, labels, left_out = points_for_slice(coords, [True, True, True, False], (1, 2), (32, 32))
-    assert xy.tolist() == [[20.6, 10.4], [0.0, 0.0]] and labels.tolist() == [1, 0] and left_out == 1
+    # Snapped to the pixel under the point (napari's pixel i spans i - 0.5 .. i + 0.5).
+    assert xy.tolist() == [[21.0, 10.0], [0.0, 0.0]] and labels.tolist() == [1, 0] and left_out == 1
     ellipse = np.array([[1, 2, 0, 0], [1, 2, 0, 9], [1, 2, 9, 9], [1, 2, 9, 0]])
     rect = np.array([[1, 2, 4, 5], [1, 2, 4, 50], [1, 2, 20, 50], [1, 2, 20, 5]])
     assert box_for_slice([rect, ellipse], (1, 2), (32, 40), ["rectangle", "ellipse"]).tolist() == [5, 4, 39, 20]
@@ -316,6 +317,87 @@ def test_tiled_decoding_with_the_real_model():
     mask = decode_now(session, points=[[1050, 100]])
     assert mask.shape == (200, 1100)
     assert session.candidates.frame == 1 and session.candidates.logits.shape == (3, 256, 256)
+
+
+# ------------------------------------------------------------------------------------ prefetching
+
+
+def test_a_click_where_the_pointer_rested_is_answered_from_the_prefetch_without_decoding():
+    predictor = CountingPredictor()
+    session = InteractiveSession(predictor, squares())
+    # Nothing is prefetched before the slice is embedded: a hover never runs the encoder.
+    assert session.speculate(points=[[12, 12]], labels=[1]) is None and predictor.encodes == 0
+    session.embed()
+    # The pointer rests on a pixel: the prompt a click there would give is decoded ahead.
+    hover_xy, _, _ = points_for_slice(np.array([[12.3, 11.8]]), [True], (), (64, 64))
+    ahead = session.speculate(points=hover_xy, labels=[1])
+    assert ahead is not None and ahead.generation == -1 and ahead.multimask
+    ahead_result = session.decode(ahead)
+    assert not session.accept(ahead_result)  # a speculation is never an answer by itself
+    assert session.mask is None and session.generation == 0  # ... and changed nothing
+    session.remember(ahead_result)
+    assert session.speculate(points=hover_xy, labels=[1]) is None  # prefetched already
+    decodes = predictor.decodes
+    # The click lands a fraction of a pixel away: same pixel, same prompt.
+    click_xy, _, _ = points_for_slice(np.array([[11.7, 12.4]]), [True], (), (64, 64))
+    request = session.set_prompt(points=click_xy, labels=[1])
+    hit = session.prefetched(request)
+    assert hit is not None and hit.request is request and predictor.decodes == decodes
+    assert session.accept(hit) and session.mask.sum() == 16 * 16 and session.mask[12, 12]
+    assert session.prefetched(request) is None  # used up
+    # A different prompt (a second, negative point) is not answered by the old prefetch.
+    session.remember(session.decode(session.speculate(points=[[14, 12]], labels=[1])))
+    two = session.set_prompt(points=[[12, 12], [45, 40]], labels=[1, 0])
+    assert session.prefetched(two) is None
+    # Prompts that need no prefetch: current already, empty, outside the image, bad slice.
+    assert session.speculate(points=[[12, 12], [45, 40]], labels=[1, 0]) is None
+    assert session.speculate() is None
+    assert session.speculate(points=[[99, 12]], labels=[1]) is None
+    assert session.speculate(points=[[12, 12]], labels=[1], slice_key=(1,)) is None
+    with pytest.raises(SegAnyError, match="speculate"):
+        session.remember(session.decode(two))
+
+
+def test_prefetch_keeps_only_the_latest_pointer_positions_and_matches_slice_and_mode():
+    session = InteractiveSession(ThresholdPredictor(), np.stack([squares(), squares()]))
+    session.embed(slice_key=(0,))
+    for x in (10, 12, 14):
+        session.remember(session.decode(session.speculate(points=[[x, 12]], labels=[1], slice_key=(0,))))
+    assert session.prefetched(session.set_prompt(points=[[10, 12]], slice_key=(0,))) is None  # evicted
+    assert session.prefetched(session.set_prompt(points=[[14, 12]], slice_key=(0,))) is not None
+    # Same prompt on another slice: another embedding, so no match (and no prefetch there yet).
+    assert session.speculate(points=[[12, 12]], labels=[1], slice_key=(1,)) is None
+    assert session.prefetched(session.set_prompt(points=[[12, 12]], slice_key=(1,))) is None
+    # Single-mask mode wants a different output for the same point.
+    session.remember(session.decode(session.speculate(points=[[20, 20]], labels=[1], slice_key=(0,))))
+    session.multimask = False
+    assert session.prefetched(session.set_prompt(points=[[20, 20]], slice_key=(0,))) is None
+    session.multimask = "auto"
+    session.forget_prefetched()
+    assert session.prefetched(session.set_prompt(points=[[12, 12]], slice_key=(0,))) is None
+
+
+def test_prefetched_answer_equals_the_real_decoders_answer():
+    image = squares(shape=(96, 80))
+    session = InteractiveSession(make_predictor("test_tiny"), image)
+    session.embed()
+    session.remember(session.decode(session.speculate(points=[[15, 14], [40, 45]], labels=[1, 0])))
+    request = session.set_prompt(points=[[15, 14], [40, 45]], labels=[1, 0])
+    hit, fresh = session.prefetched(request), session.decode(request)
+    assert np.array_equal(hit.masks, fresh.masks) and np.allclose(hit.scores, fresh.scores)
+    assert np.allclose(hit.logits, fresh.logits) and hit.frame == fresh.frame
+
+
+def test_no_prefetch_on_a_tile_that_is_not_embedded():
+    image = np.zeros((300, 500), np.uint8)
+    image[240:270, 430:480] = 200
+    predictor = CountingPredictor()
+    session = InteractiveSession(predictor, image, tile_size=128, tile_overlap=32)
+    assert session.speculate(points=[[455, 255]], labels=[1]) is None and predictor.encodes == 0
+    session.accept(session.decode(session.set_prompt(points=[[455, 255]])))  # embeds that tile
+    assert session.speculate(points=[[450, 250]], labels=[1]) is not None  # same tile: cached
+    assert session.speculate(points=[[20, 20]], labels=[1]) is None  # another tile
+    assert predictor.encodes == 1
 
 
 # ------------------------------------------------------------------------------------ propagation

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from napari.utils._proxies import ReadOnlyWrapper
-from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 
 import napari_segany._widget as widget_module
 from napari_segany._sample import nuclei_stack
@@ -184,10 +184,87 @@ def test_shift_click_adds_negative_point(open_widget, qtbot, cells):
     mouse("mouse_release", ["Shift"])
     assert layer.features["positive"].tolist() == [True, False]
     assert np.allclose(layer.face_color[1], [1.0, 0.2, 0.2, 1.0])
+    # napari copies a selected point's features into the layer's defaults; the selected
+    # negative point must not make the next plain click negative too.
+    qtbot.waitUntil(lambda: widget._decode_worker is None and widget._pending_request is None, timeout=WAIT_MS)
+    row, col = centre(truth == 4)
+    mouse("mouse_press", [])
+    mouse("mouse_release", [])
+    assert layer.features["positive"].tolist() == [True, False, True]
+    qtbot.waitUntil(lambda: widget._decode_worker is None and widget._pending_request is None, timeout=WAIT_MS)
+    assert widget.session.candidates.request.prompt.labels.tolist() == [1, 0, 1]
     widget.set_positive(False)  # the T key
     widget.add_point((5, 5))
-    assert layer.features["positive"].tolist() == [True, False, False]
+    assert layer.features["positive"].tolist() == [True, False, True, False]
     qtbot.waitUntil(lambda: widget._decode_worker is None and widget._pending_request is None, timeout=WAIT_MS)
+
+
+class SlowCountingPredictor(ThresholdPredictor):
+    """The stand-in predictor with a decoder slow enough to see whether a click waits for it."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.decodes = 0
+
+    def predict(self, *args, **kwargs):
+        self.decodes += 1
+        time.sleep(self.delay)
+        return super().predict(*args, **kwargs)
+
+
+def test_resting_pointer_decodes_ahead_so_the_click_shows_its_mask_at_once(open_widget, qtbot, cells):
+    image, truth = cells
+    predictor = SlowCountingPredictor(delay=0.3)
+    viewer, widget = open_widget(image, predictor)
+    widget.embed()
+    wait_embedded(qtbot, widget)
+    layer = widget.points_layer
+    (row, col), (row2, col2) = centre(truth == 1), centre(truth == 2)
+
+    def move(position, modifiers=()):
+        event = ReadOnlyWrapper(MouseEvent("mouse_move", list(modifiers), position), exceptions=("handled",))
+        mouse_move_callbacks(layer, event)
+
+    # A real pointer move through napari's callbacks, a fraction of a pixel off the centre.
+    with qtbot.waitSignal(widget.prefetch_done, timeout=WAIT_MS):
+        move((row + 0.3, col - 0.2))
+    qtbot.waitUntil(lambda: widget._decode_worker is None, timeout=WAIT_MS)
+    assert not preview(widget).any() and widget.session.mask is None  # hovering shows nothing
+    decodes = predictor.decodes
+    # The click: its mask is in the preview when add_point returns, with no decoder run.
+    start = time.perf_counter()
+    widget.add_point((row, col))
+    assert time.perf_counter() - start < predictor.delay
+    assert iou(preview(widget), truth == 1) > 0.8 and predictor.decodes == decodes
+    assert widget._decode_worker is None and widget._pending_request is None
+
+    # Shift held while resting: the prefetch is the current point plus a negative one there.
+    with qtbot.waitSignal(widget.prefetch_done, timeout=WAIT_MS):
+        move((row2, col2), ["Shift"])
+    qtbot.waitUntil(lambda: widget._decode_worker is None, timeout=WAIT_MS)
+    decodes = predictor.decodes
+    widget.add_point((row2, col2), positive=False)
+    assert predictor.decodes == decodes and layer.features["positive"].tolist() == [True, False]
+    assert widget.session.candidates.request.prompt.labels.tolist() == [1, 0]
+
+    # Clicking before the prefetch is done: the click waits for that one decode, not a second.
+    widget.clear()
+    decodes = predictor.decodes
+    widget.hover((row2, col2))
+    qtbot.waitUntil(lambda: widget._decode_worker is not None, timeout=WAIT_MS)
+    with qtbot.waitSignal(widget.preview_changed, timeout=WAIT_MS):
+        widget.add_point((row2, col2))
+    qtbot.waitUntil(lambda: widget._decode_worker is None and widget._pending_request is None, timeout=WAIT_MS)
+    assert predictor.decodes == decodes + 1 and iou(preview(widget), truth == 2) > 0.8
+
+    # Switched off: resting decodes nothing.
+    widget.clear()
+    widget.prefetch_check.setChecked(False)
+    decodes = predictor.decodes
+    move((row, col))
+    qtbot.wait(200)
+    assert predictor.decodes == decodes and widget._decode_worker is None
 
 
 def test_keys_drive_the_session(open_widget, qtbot, cells):

@@ -60,7 +60,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -109,6 +109,8 @@ _MASK_PROMPT_EPS = 1e-3
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_TILE_OVERLAP = 256
 _BLANK = "blank (constant or no data): nothing to segment there"
+# Results decoded ahead of clicks that a session keeps (each holds C full-slice masks).
+PREFETCH_KEEP = 2
 # Default budget of the embedding cache: 256 SAM embeddings (4 MiB each).
 DEFAULT_CACHE_BYTES = 1 << 30
 # Non-uint8 stacks get ONE intensity range for all slices (so that an object looks the same to
@@ -279,7 +281,11 @@ def points_for_slice(
     h, w = shape
     # A click on a pixel's outer half (-0.5 .. 0) still means that pixel.
     inside = (rows > -0.5) & (rows < h - 0.5) & (cols > -0.5) & (cols < w - 0.5)
-    xy = np.stack([cols[inside].clip(0, w - 1), rows[inside].clip(0, h - 1)], axis=1)
+    # A point prompts the pixel under it: napari's pixel i spans i - 0.5 .. i + 0.5 and SAM's
+    # prompt encoder adds 0.5 to reach a pixel's centre, so the pixel index is the prompt.
+    # Snapping also makes the prompt of a click equal the one prefetched while the pointer
+    # rested on that pixel (InteractiveSession.speculate), even if it moved within the pixel.
+    xy = np.stack([np.round(cols[inside]).clip(0, w - 1), np.round(rows[inside]).clip(0, h - 1)], axis=1)
     labels = flags[on_slice][inside].astype(np.int64)
     return xy.reshape(-1, 2), labels, int((~inside).sum())
 
@@ -735,6 +741,8 @@ class InteractiveSession:
         self._object_frames: dict[SliceKey, Frame] = {}
         self.history: list[LabelEdit] = []
         self._last_prompt: dict[SliceKey, Prompt] = {}
+        # Results decoded ahead of a click (see speculate); newest last.
+        self._prefetched: list[DecodeResult] = []
         # Predictor state (any thread, under the lock).
         self._lock = threading.RLock()
         self._active: tuple[SliceKey, Frame] | None = None
@@ -1042,6 +1050,27 @@ class InteractiveSession:
             return bool(self.multimask)
         return len(prompt.points) == 1 and prompt.box is None and prompt.mask is None
 
+    def _build_prompt(
+        self,
+        points: Sequence[Sequence[float]] | np.ndarray | None,
+        labels: Sequence[int] | np.ndarray | None,
+        box: Sequence[float] | np.ndarray | None,
+        mask: np.ndarray | None,
+    ) -> Prompt:
+        """A validated prompt for this image (raises :class:`PromptError`)."""
+        prompt = Prompt.build(points, labels, box, mask)
+        if prompt.mask is not None and prompt.mask.shape != self.spatial_shape:
+            raise PromptError(
+                f"the mask prompt is {prompt.mask.shape[0]} x {prompt.mask.shape[1]} but the "
+                f"image is {self.spatial_shape[0]} x {self.spatial_shape[1]}"
+            )
+        h, w = self.spatial_shape
+        if len(prompt.points) and (
+            (prompt.points < 0).any() or (prompt.points[:, 0] > w).any() or (prompt.points[:, 1] > h).any()
+        ):
+            raise PromptError(f"a point lies outside the image (width {w}, height {h}); points are (x, y)")
+        return prompt
+
     def set_prompt(
         self,
         points: Sequence[Sequence[float]] | np.ndarray | None = None,
@@ -1057,17 +1086,7 @@ class InteractiveSession:
         slice is dropped too). Any result of an earlier prompt becomes stale.
         """
         key = self._check_key(slice_key)
-        prompt = Prompt.build(points, labels, box, mask)
-        if prompt.mask is not None and prompt.mask.shape != self.spatial_shape:
-            raise PromptError(
-                f"the mask prompt is {prompt.mask.shape[0]} x {prompt.mask.shape[1]} but the "
-                f"image is {self.spatial_shape[0]} x {self.spatial_shape[1]}"
-            )
-        h, w = self.spatial_shape
-        if len(prompt.points) and (
-            (prompt.points < 0).any() or (prompt.points[:, 0] > w).any() or (prompt.points[:, 1] > h).any()
-        ):
-            raise PromptError(f"a point lies outside the image (width {w}, height {h}); points are (x, y)")
+        prompt = self._build_prompt(points, labels, box, mask)
         if prompt.same_as(self._last_prompt.get(key)):
             return None
         self.generation += 1
@@ -1118,6 +1137,86 @@ class InteractiveSession:
         self._object_frames[result.request.slice_key] = result.frame
         self.last_decode_seconds = result.seconds
         return True
+
+    # ------------------------------------------------------------------ prefetching
+    def speculate(
+        self,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        slice_key: Sequence[int] | None = None,
+    ) -> DecodeRequest | None:
+        """The request a prompt *would* make, without making it the current prompt.
+
+        For decoding ahead of a click: while the pointer rests over the image, a front-end
+        asks for the prompt a click there would give (the current points plus one at the
+        pointer), decodes the request in a worker and hands the result to :meth:`remember`.
+        When the click comes, :meth:`prefetched` returns that result for the click's real
+        request at once, so the preview appears without waiting for the decoder.
+
+        Returns None when there is nothing worth decoding: the prompt is empty or invalid
+        (e.g. the pointer is outside the image), it is the current prompt already, it is
+        already prefetched, or its embedding is not cached (a prefetch never runs the
+        encoder). Nothing about the session changes; the request's generation is -1, so
+        :meth:`accept` never takes it as the current answer.
+
+        Example:
+            >>> image = np.zeros((64, 64), np.uint8); image[10:30, 10:30] = 200
+            >>> s = InteractiveSession(ThresholdPredictor(), image); _ = s.embed()
+            >>> ahead = s.speculate(points=[[20, 20]], labels=[1])      # pointer at (20, 20)
+            >>> s.remember(s.decode(ahead))                              # in a worker, then here
+            >>> click = s.set_prompt(points=[[20, 20]], labels=[1])      # the click
+            >>> hit = s.prefetched(click)                                # no decoding needed
+            >>> s.accept(hit), int(s.mask.sum())
+            (True, 400)
+        """
+        try:
+            key = self._check_key(slice_key)
+            prompt = self._build_prompt(points, labels, box, mask)
+        except SegAnyError:
+            return None
+        if prompt.empty or prompt.same_as(self._last_prompt.get(key)):
+            return None
+        request = DecodeRequest(-1, key, prompt, self._wants_multimask(prompt))
+        if self._find_prefetched(request) is not None or self.missing_embeddings(request):
+            return None
+        return request
+
+    def _find_prefetched(self, request: DecodeRequest) -> int | None:
+        for index, result in enumerate(self._prefetched):
+            ahead = result.request
+            if (
+                ahead.slice_key == request.slice_key
+                and ahead.multimask == request.multimask
+                and ahead.prompt.same_as(request.prompt)
+            ):
+                return index
+        return None
+
+    def remember(self, result: DecodeResult) -> None:
+        """Keep a result decoded for a :meth:`speculate` request (the newest few are kept)."""
+        if result.request.generation != -1:
+            raise SegAnyError("remember() takes results of speculate() requests only")
+        self._prefetched.append(result)
+        # Each result holds C full-slice masks: keep only the latest pointer positions.
+        del self._prefetched[:-PREFETCH_KEEP]
+
+    def prefetched(self, request: DecodeRequest) -> DecodeResult | None:
+        """The remembered result for exactly this request's prompt, made its answer; or None.
+
+        The result is the one the decoder would give (same prompt, same embedding), so it
+        can be passed to :meth:`accept` like the result of :meth:`decode`.
+        """
+        index = self._find_prefetched(request)
+        if index is None:
+            return None
+        result = self._prefetched.pop(index)
+        return replace(result, request=request)
+
+    def forget_prefetched(self) -> None:
+        """Drop every prefetched result (e.g. after the embeddings were replaced)."""
+        self._prefetched = []
 
     def cycle(self, step: int = 1) -> int:
         """Show the next (``step=-1``: previous) candidate; returns its index.
