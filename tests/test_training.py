@@ -295,6 +295,30 @@ def test_augment_keeps_image_and_labels_aligned():
     assert np.array_equal(plain.image, ref)  # no augmentation: exactly the inference resize
 
 
+def test_photometric_augmentation_greys_and_inverts_per_source(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    grey = data.photometric(rgb, np.random.default_rng(0), grayscale=1.0)
+    pil = np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
+    assert (grey[..., 0] == grey[..., 2]).all() and np.abs(grey[..., 1].astype(int) - pil).max() <= 1
+    assert np.array_equal(data.photometric(rgb, np.random.default_rng(0), invert=1.0), 255 - rgb)
+    rng = np.random.default_rng(1)
+    inverted = sum(data.photometric(rgb, rng, invert=0.3)[0, 0, 0] != rgb[0, 0, 0] for _ in range(1000))
+    assert 250 <= inverted <= 350  # ~ the probability
+    # Without photometric augmentation nothing is drawn: earlier random streams are unchanged.
+    rng = np.random.default_rng(2)
+    assert data.photometric(rgb, rng) is rgb and rng.random() == np.random.default_rng(2).random()
+
+    # In the trainer it is a property of a source: the same item drawn with the same random
+    # generator from a plain and an inverting source differs only by the inversion.
+    scenes = {"kind": "synthetic", "count": 4, "size": 64, "seed": 3}
+    trainer = Trainer(small_config(tmp_path, **{"data.train": [scenes, dict(scenes, invert=1.0)]}))
+    plain = trainer._augmented(0, 2, np.random.default_rng(5))
+    flipped = trainer._augmented(1, 2, np.random.default_rng(5))
+    assert np.array_equal(flipped.image, 255 - plain.image) and np.array_equal(flipped.labels, plain.labels)
+    with pytest.raises(SegAnyError, match=r"data.train\[0\].invert is a probability"):
+        small_config(tmp_path, **{"data.train": [dict(scenes, invert=1.5)]})
+
+
 def test_geotiff_with_vector_labels_is_rasterised_per_tile(tmp_path):
     rasterio = pytest.importorskip("rasterio")
     gpd = pytest.importorskip("geopandas")

@@ -107,6 +107,11 @@ class DataSource:
         weight: relative chance of drawing an image of this source (per image: a source of
             100 images with weight 3 is drawn as often as one of 300 with weight 1);
             balances small domains against large ones.
+        grayscale, invert: probabilities of showing an image of this source in grey and
+            with inverted intensities (photometric augmentation; applied in that order).
+            Microscopy: fluorescence (bright nuclei on black) inverted looks like
+            bright-field or stained tissue (dark nuclei on a bright background), the
+            look that stays rare in the training sets but common in use.
     """
 
     path: str | None = None
@@ -126,6 +131,8 @@ class DataSource:
     objects: int = 6
     scene: str = "shapes"
     weight: float = 1.0
+    grayscale: float = 0.0
+    invert: float = 0.0
 
 
 @dataclass
@@ -343,6 +350,9 @@ class TrainConfig:
                     raise bad(f"{where}.kind must be one of {', '.join(DATA_KINDS)}, got {s.kind!r}")
                 if s.kind != "synthetic" and not s.path:
                     raise bad(f"{where}: a {s.kind!r} source needs a path")
+                for name in ("grayscale", "invert"):
+                    if not 0.0 <= getattr(s, name) <= 1.0:
+                        raise bad(f"{where}.{name} is a probability (0 to 1), got {getattr(s, name)}")
                 if not s.weight > 0:
                     raise bad(f"{where}.weight must be positive, got {s.weight}")
                 if s.kind == "geo" and not s.vectors:

@@ -659,6 +659,27 @@ def augment(
     return AugmentedSample(image=crop, labels=padded, name=name)
 
 
+def photometric(image: np.ndarray, rng: np.random.Generator, grayscale: float = 0.0, invert: float = 0.0) -> np.ndarray:
+    """Randomly grey (probability ``grayscale``) and invert (``invert``) an 8-bit RGB image.
+
+    Draws from ``rng`` only for non-zero probabilities, so sources without photometric
+    augmentation see exactly the random streams they saw before it existed.
+
+    Example:
+        >>> rgb = np.array([[[10, 20, 30]]], np.uint8)
+        >>> photometric(rgb, np.random.default_rng(0), grayscale=1.0, invert=1.0).tolist()
+        [[[237, 237, 237]]]
+    """
+    out = image
+    if grayscale > 0 and rng.random() < grayscale:
+        # ITU-R BT.601 luma, as PIL's "L" conversion.
+        luma = out[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        out = np.repeat(np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if invert > 0 and rng.random() < invert:
+        out = 255 - out
+    return out
+
+
 def _rgb(image: np.ndarray, name: str) -> np.ndarray:
     """8-bit RGB by segany's rules; a constant crop or tile is not an error here (it is
     valid training data: background), it simply becomes black."""

@@ -61,6 +61,7 @@ from .data import (
     augment,
     check_source,
     open_source,
+    photometric,
     sample_instances,
     _problem_message,
 )
@@ -146,6 +147,9 @@ class Trainer:
         self._apply_freeze()
 
         self.train_sources = self._open(config.data.train, train_data, "train")
+        # Per source: (grayscale, invert) probabilities; sources given as objects have none.
+        specs = config.data.train if train_data is None else []
+        self._photometric = [(s.grayscale, s.invert) for s in specs] or [(0.0, 0.0)] * len(self.train_sources)
         self.val_sources = [s for s, _ in self._open(config.data.val, val_data, "val")] if (config.data.val or val_data) else []
         if config.data.check:
             self._items = self._check(self.train_sources, "training")
@@ -391,7 +395,11 @@ class Trainer:
     def _augmented(self, si: int, index: int, rng: np.random.Generator):
         source, _partial = self.train_sources[si]
         image, labels, name = source[index]
-        return augment(image, labels, self.image_size, rng, self.config.data.augment, name=str(name))
+        sample = augment(image, labels, self.image_size, rng, self.config.data.augment, name=str(name))
+        grayscale, invert = self._photometric[si]
+        if grayscale or invert:
+            sample.image = photometric(sample.image, rng, grayscale, invert)
+        return sample
 
     def _to_input(self, image: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.ascontiguousarray(image), device=self.device).permute(2, 0, 1).float()
