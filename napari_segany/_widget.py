@@ -1202,9 +1202,10 @@ class SegmentWidget(QWidget):
         count = len(session.candidates.masks)
         seconds = session.last_decode_seconds or 0.0
         extra = f", on {len(session.object_masks)} slices" if len(session.object_masks) > 1 else ""
+        how = "decoded ahead" if session.candidates.ahead else "decoded"
         self.candidate_label.setText(
             f"{session.selected + 1} of {count}: predicted IoU {session.selected_score:.2f} "
-            f"(decoded in {seconds * 1000:.0f} ms{extra})"
+            f"({how} in {seconds * 1000:.0f} ms{extra})"
         )
 
     @_reports_errors

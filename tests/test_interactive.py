@@ -342,7 +342,7 @@ def test_a_click_where_the_pointer_rested_is_answered_from_the_prefetch_without_
     click_xy, _, _ = points_for_slice(np.array([[11.7, 12.4]]), [True], (), (64, 64))
     request = session.set_prompt(points=click_xy, labels=[1])
     hit = session.prefetched(request)
-    assert hit is not None and hit.request is request and predictor.decodes == decodes
+    assert hit is not None and hit.request is request and hit.ahead and predictor.decodes == decodes
     assert session.accept(hit) and session.mask.sum() == 16 * 16 and session.mask[12, 12]
     assert session.prefetched(request) is None  # used up
     # A different prompt (a second, negative point) is not answered by the old prefetch.

@@ -238,6 +238,7 @@ def test_resting_pointer_decodes_ahead_so_the_click_shows_its_mask_at_once(open_
     assert time.perf_counter() - start < predictor.delay
     assert iou(preview(widget), truth == 1) > 0.8 and predictor.decodes == decodes
     assert widget._decode_worker is None and widget._pending_request is None
+    assert "decoded ahead in" in widget.candidate_label.text()
 
     # Shift held while resting: the prefetch is the current point plus a negative one there.
     with qtbot.waitSignal(widget.prefetch_done, timeout=WAIT_MS):

@@ -560,6 +560,8 @@ class DecodeResult:
         thread_id: the thread that decoded it (``threading.get_ident()``).
         frame: where it was decoded: None (whole slice) or a tile index; the logits belong
             to that frame.
+        ahead: decoded before the request existed, while the pointer rested where the
+            click came (:meth:`InteractiveSession.prefetched`).
     """
 
     request: DecodeRequest
@@ -569,6 +571,7 @@ class DecodeResult:
     seconds: float
     thread_id: int
     frame: Frame = None
+    ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -1212,7 +1215,7 @@ class InteractiveSession:
         if index is None:
             return None
         result = self._prefetched.pop(index)
-        return replace(result, request=request)
+        return replace(result, request=request, ahead=True)
 
     def forget_prefetched(self) -> None:
         """Drop every prefetched result (e.g. after the embeddings were replaced)."""
