@@ -949,7 +949,8 @@ class SegmentWidget(QWidget):
         session, layer, hover = self.session, self.points_layer, self._hover
         if (
             hover is None or session is None or layer is None or self._state["closed"]
-            or not self.prefetch_check.isChecked() or _running(self._embed_worker)
+            or not self.prefetch_check.isChecked()
+            or _running(self._embed_worker) or _running(self._job_worker)  # they hold the predictor
         ):
             return
         if _running(self._decode_worker) or self._pending_request is not None:
