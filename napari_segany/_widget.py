@@ -158,6 +158,11 @@ def _track(worker: Any) -> None:
     worker.finished.connect(lambda: setattr(worker, "_segany_done", True))
 
 
+def _negative_modifiers(event: Any) -> bool:
+    """Shift, Ctrl or Cmd held: the point being added (or about to be) is negative."""
+    return any(key in event.modifiers for key in ("Shift", "Control", "Meta"))
+
+
 def _running(worker: Any) -> bool:
     return worker is not None and not getattr(worker, "_segany_done", False)
 
@@ -918,17 +923,14 @@ class SegmentWidget(QWidget):
     def _on_points_press(self, layer: Points, event: Any) -> None:
         # Runs before napari's "add" callback (inserted first): remember this click's modifiers
         # (only when adding: Shift+click in select mode extends a selection).
-        self._click_negative = str(layer.mode) == "add" and any(
-            key in event.modifiers for key in ("Shift", "Control", "Meta")
-        )
+        self._click_negative = str(layer.mode) == "add" and _negative_modifiers(event)
 
     def _on_points_move(self, layer: Points, event: Any) -> None:
         # Called for pointer moves while the points layer is active; cheap: only restarts a timer.
         if str(layer.mode) != "add" or not self.prefetch_check.isChecked():
             return
-        negative = any(key in event.modifiers for key in ("Shift", "Control", "Meta"))
         position = tuple(float(v) for v in layer.world_to_data(event.position))
-        self._hover = (position, self._positive and not negative)
+        self._hover = (position, self._positive and not _negative_modifiers(event))
         self._hover_timer.start()
 
     def hover(self, yx: tuple[float, ...], positive: bool | None = None) -> None:
@@ -962,23 +964,12 @@ class SegmentWidget(QWidget):
         if len(yx) != layer.ndim or tuple(int(round(v)) for v in yx[:-2]) != key:
             return
         try:
-            coords = np.concatenate([np.asarray(layer.data, float).reshape(-1, layer.ndim), [yx]])
-            flags = np.append(layer.features["positive"].to_numpy(bool), positive)
-            points, labels, _ = points_for_slice(coords, flags, key, session.spatial_shape)
-            box = None
-            if self.boxes_layer is not None and len(self.boxes_layer.data):
-                box = box_for_slice(self.boxes_layer.data, key, session.spatial_shape, self.boxes_layer.shape_type)
+            points, labels, box, _ = self._layer_prompt(key, session.spatial_shape, extra_point=(yx, positive))
             request = session.speculate(points, labels, box, self._mask_prompt(key), slice_key=key)
         except SegAnyError:
             return  # the click would report it; hovering stays silent
-        if request is None:
-            return
-        worker = create_light_worker(_guarded, session.decode, request, _start_thread=False)
-        _track(worker)
-        worker.returned.connect(lambda result, owner=session: self._on_prefetched(owner, result))
-        worker.finished.connect(lambda: self._on_decode_finished(worker))
-        self._decode_worker = worker
-        worker.start()
+        if request is not None:
+            self._start_decode(request, lambda result, owner=session: self._on_prefetched(owner, result))
 
     @_alive
     def _on_prefetched(self, session: InteractiveSession, result: Any) -> None:
@@ -1088,21 +1079,39 @@ class SegmentWidget(QWidget):
             return
         key = self._slice_key()
         session.set_slice(key)
-        shape = session.spatial_shape
-        points = labels = box = None
-        if self.points_layer is not None and len(self.points_layer.data):
-            points, labels, left_out = points_for_slice(
-                self.points_layer.data, self.points_layer.features["positive"].to_numpy(bool), key, shape
-            )
-            if left_out:
-                show_warning(f"{left_out} point(s) outside the image are ignored")
-        if self.boxes_layer is not None and len(self.boxes_layer.data):
-            box = box_for_slice(self.boxes_layer.data, key, shape, self.boxes_layer.shape_type)
+        points, labels, box, left_out = self._layer_prompt(key, session.spatial_shape)
+        if left_out:
+            show_warning(f"{left_out} point(s) outside the image are ignored")
         request = session.set_prompt(points, labels, box, self._mask_prompt(key), slice_key=key)
         if request is None:
             self._show_object()
             return
         self._dispatch(request)
+
+    def _layer_prompt(
+        self,
+        key: tuple[int, ...],
+        shape: tuple[int, int],
+        extra_point: tuple[tuple[float, ...], bool] | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
+        """Points, labels and box of the prompt layers on one slice, plus the number of points
+        left out (outside the image). ``extra_point`` (data coordinates, positive?) is added
+        as if clicked: the prompt a click there would make."""
+        layer = self.points_layer
+        coords = np.zeros((0, layer.ndim if layer is not None else len(key) + 2))
+        flags = np.zeros(0, bool)
+        if layer is not None and len(layer.data):
+            coords, flags = np.asarray(layer.data, float), layer.features["positive"].to_numpy(bool)
+        if extra_point is not None:
+            coords = np.concatenate([coords.reshape(-1, len(extra_point[0])), [extra_point[0]]])
+            flags = np.append(flags, extra_point[1])
+        points = labels = box = None
+        left_out = 0
+        if len(coords):
+            points, labels, left_out = points_for_slice(coords, flags, key, shape)
+        if self.boxes_layer is not None and len(self.boxes_layer.data):
+            box = box_for_slice(self.boxes_layer.data, key, shape, self.boxes_layer.shape_type)
+        return points, labels, box, left_out
 
     def _dispatch(self, request: Any) -> None:
         session = self.session
@@ -1123,9 +1132,14 @@ class SegmentWidget(QWidget):
             self._pending_request = request
             self.embed(jobs=missing)
             return
-        worker = create_light_worker(_guarded, session.decode, request, _start_thread=False)
+        self._start_decode(request, self._on_decoded)
+
+    def _start_decode(self, request: Any, on_returned: Callable[[Any], None]) -> None:
+        """Decode ``request`` in the (single) light decode worker."""
+        assert self.session is not None
+        worker = create_light_worker(_guarded, self.session.decode, request, _start_thread=False)
         _track(worker)
-        worker.returned.connect(self._on_decoded)
+        worker.returned.connect(on_returned)
         worker.finished.connect(lambda: self._on_decode_finished(worker))
         self._decode_worker = worker
         worker.start()
