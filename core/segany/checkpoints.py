@@ -70,7 +70,7 @@ MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t")
 DEFAULT_MODEL = "segany_lite"
 # Written by tools/train_default_model.py export (fp16 state dict in segany/weights/).
 BUNDLED_SIZE: int | None = 12265773
-BUNDLED_SHA256: str | None = "3bb56f0f6773453669840b9062e35a09619bc4ad431215ec999238252ade2f2c"
+BUNDLED_SHA256: str | None = "67e964294062d5b6c3d80107499df1e99f696662b6c91633c429cf3aa3cf277c"
 
 # Status strings shown by `segany models`. "corrupt: <reason>" is built on the fly.
 STATUS_MISSING = "missing"
