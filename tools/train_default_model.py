@@ -41,9 +41,10 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
               the shipped weights.
 ``scores``    optional, not part of ``all``: score calibration, only the IoU prediction head
               trains (everything else frozen, embeddings cached), so masks stay exactly as
-              stage 3 made them and only the predicted IoU learns (it ranks the 3 candidates
-              of a click). Tried on the shipped weights: +0.014 microscopy 1-click (top),
-              no change elsewhere; not shipped (docs/model-card.md).
+              the previous stage made them and only the predicted IoU learns (it ranks the 3
+              candidates of a click); starts from stage 5, on stage 5's data. Tried on stage
+              3: +0.014 microscopy 1-click (top); on stage 5: -0.009 there, +0.003 aerial;
+              neither shipped (docs/model-card.md).
 ``export``    fp16 weights into ``core/segany/weights/`` (shipped in the wheel) and their
               size and sha256 for the checkpoint registry.
 ``evaluate``  the held-out splits, per domain, with segany's evaluation protocols, next to
@@ -423,7 +424,7 @@ def cmd_stage5(args: argparse.Namespace) -> None:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
-    _train(args, "scores", _engine_sources(args), _start(args, args.work / "stage3" / "model.pt"))
+    _train(args, "scores", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
 
 
 # --------------------------------------------------------------------------------------------
