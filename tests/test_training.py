@@ -180,6 +180,28 @@ def test_perfect_prediction_has_about_zero_loss():
     assert float(wrong.total.min()) > 1.0
 
 
+def test_ranking_term_penalises_only_a_wrong_order_of_the_candidates_scores():
+    target = torch.zeros(1, 16, 16, dtype=torch.bool)
+    target[0, 4:12, 4:12] = True
+    good = torch.where(target, 10.0, -10.0)[0]
+    half = good.clone()
+    half[:, :8] = -10.0
+    logits = torch.stack([-good, half, good])[None]  # actual IoU 0, 0.5, 1
+    ranked = losses.LossWeights(focal=0.0, dice=0.0, iou=0.0, rank=1.0)
+    # The best candidate scored below the middle one (the failure seen on bright-field).
+    wrong = torch.tensor([[0.1, 0.5, 0.4]], requires_grad=True)
+    out = losses.sam_losses(logits, wrong, target, ranked)
+    assert float(out.total) > 0 and float(out.rank) == pytest.approx(float(out.total))
+    out.total.sum().backward()
+    assert wrong.grad[0, 2] < 0 < wrong.grad[0, 1]  # gradient descent raises the best, lowers the middle
+    # The right order by the margin costs nothing, whatever the absolute values.
+    right = torch.tensor([[0.0, 0.1, 0.2]])
+    assert float(losses.sam_losses(logits, right, target, ranked).total) == 0.0
+    # Off by default (the paper's loss), and meaningless for a single candidate.
+    assert losses.sam_losses(logits, wrong.detach(), target).rank is None
+    assert losses.sam_losses(logits[:, 2:], wrong.detach()[:, 2:], target, ranked).rank is None
+
+
 def test_best_of_multimask_backpropagates_only_the_best_candidate():
     target = torch.zeros(2, 16, 16, dtype=torch.bool)
     target[:, 4:12, 4:12] = True

@@ -42,9 +42,11 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
 ``scores``    optional, not part of ``all``: score calibration, only the IoU prediction head
               trains (everything else frozen, embeddings cached), so masks stay exactly as
               the previous stage made them and only the predicted IoU learns (it ranks the 3
-              candidates of a click); starts from stage 5, on stage 5's data. Tried on stage
-              3: +0.014 microscopy 1-click (top); on stage 5: -0.009 there, +0.003 aerial;
-              neither shipped (docs/model-card.md).
+              candidates of a click), by MSE plus a pairwise ranking term; starts from stage
+              5, on stage 5's data. Tried on stage 3 (MSE): +0.014 microscopy 1-click (top);
+              on stage 5 (MSE: -0.009 there; MSE + ranking: -0.012); none shipped
+              (docs/model-card.md): the frozen decoder's IoU token does not carry what ranks
+              bright-field candidates.
 ``export``    fp16 weights into ``core/segany/weights/`` (shipped in the wheel) and their
               size and sha256 for the checkpoint registry.
 ``evaluate``  the held-out splits, per domain, with segany's evaluation protocols, next to
@@ -259,7 +261,8 @@ def train_config(args: argparse.Namespace, stage: str, sources: list[dict], chec
         # IoU 0.000 at steps 50-75), and so does 4:1 without alpha (IoU 0.004 at step 80 of a
         # 256 px probe run); 1:1 with alpha 0.75 (object pixels up-weighted) learns (IoU
         # 0.32 at step 80 of the same probe).
-        "loss": {"focal": 0.0, "dice": 0.0, "iou": 1.0} if scores else {"focal": 1.0, "focal_alpha": 0.75},
+        # Scores: the MSE, plus a ranking term (the 3 candidates of a click in the right order).
+        "loss": {"focal": 0.0, "dice": 0.0, "iou": 1.0, "rank": 1.0} if scores else {"focal": 1.0, "focal_alpha": 0.75},
         # Scores: mostly single clicks, whose 3 candidates the IoU head must rank.
         "box_probability": {"stage3": 0.3, "stage4": 0.3, "stage5": 0.3, "scores": 0.2}.get(stage, 0.5),
         "num_threads": None if gpu else (os.cpu_count() or 1),
