@@ -122,7 +122,7 @@ class MaskLosses:
         total: ``focal * w_f + dice * w_d + iou * w_i`` of the chosen candidate (this is
             what is back-propagated; average it over masks and rounds).
         focal, dice, iou: the parts (unweighted), for logging.
-        rank: the ranking part (unweighted; 0 when ``rank`` is off or ``C = 1``).
+        rank: the ranking part (unweighted; None when ``rank`` is off or ``C = 1``).
         chosen: ``M`` index of the candidate whose mask loss was used.
         iou_actual: ``M x C`` actual IoU of every thresholded candidate (no gradient).
     """
