@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,12 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_default_model.py"
 def tool():
     spec = importlib.util.spec_from_file_location("train_default_model", TOOL)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def _write(folder: Path, name: str, image: np.ndarray) -> None:
@@ -70,17 +75,48 @@ def test_stage5_draws_brightfield_more_and_keeps_stage4s_augmentation(tool, tmp_
     assert others and all("invert" not in s for s in others)
 
 
-def test_stage5_trains_the_whole_model_at_1024_px_from_stage4(tool, tmp_path):
-    args = argparse.Namespace(
-        device="cpu", steps0=1, steps1=1, steps2=1, steps3=1, steps4=1, steps5=1, steps6=7, lr=1e-3,
-        masks_per_image=8, masks_per_image2=3, batch_size=8, batch_size2=4, rounds=6, image_size=256,
-        image_size2=512, workers=1, time_limit=None, quiet=True, work=tmp_path,
+def _args(tmp_path, **steps) -> argparse.Namespace:
+    counts = {f"steps{i}": 1 for i in range(8)} | steps
+    return argparse.Namespace(
+        device="cpu", lr=1e-3, masks_per_image=8, masks_per_image2=3, batch_size=8, batch_size2=4, rounds=6,
+        image_size=256, image_size2=512, workers=1, time_limit=None, quiet=True, work=tmp_path, **counts,
     )
-    cfg = tool.train_config(args, "stage5", [], "stage4.pt")
+
+
+def test_stage5_trains_the_whole_model_at_1024_px_from_stage4(tool, tmp_path):
+    cfg = tool.train_config(_args(tmp_path, steps6=7), "stage5", [], "stage4.pt")
     assert cfg["steps"] == 7 and cfg["optim"]["lr"] == pytest.approx(1e-4)
     assert cfg["model"] == {"config": tool.MODEL_CONFIG, "checkpoint": "stage4.pt"}  # 1024 px input
     assert not any(cfg["freeze"].values())
     assert cfg["rounds"] == 1 and cfg["box_probability"] == 0.3
+    assert cfg["loss"].get("rank", 0.0) == 0.0  # the paper's losses
+
+
+def test_stage6_trains_the_decoder_to_rank_on_cached_embeddings(tool, tmp_path):
+    from segany.training import TrainConfig
+
+    cfg = tool.train_config(_args(tmp_path, steps7=9), "stage6", [{"path": "x"}], "stage5.pt")
+    assert cfg["steps"] == 9 and cfg["optim"]["lr"] == pytest.approx(1e-4)
+    assert cfg["freeze"] == {"image_encoder": True, "prompt_encoder": False, "mask_decoder": False}
+    assert cfg["loss"]["rank"] > 0 and cfg["loss"]["focal"] > 0  # masks and their ranking together
+    assert cfg["data"]["augment"]["scale_range"][0] == 0.5  # zooms out further than stage 5
+    assert cfg["box_probability"] < 0.3  # more single clicks, whose candidates must be ranked
+    parsed = TrainConfig.from_dict(cfg)  # a valid trainer configuration
+    assert parsed.loss.rank == cfg["loss"]["rank"] and parsed.freeze.image_encoder
+
+
+def test_every_stage_has_a_valid_configuration_and_its_own_output(tool, tmp_path):
+    from segany.training import TrainConfig
+
+    args = _args(tmp_path)
+    outputs = set()
+    for stage in tool.STAGES:
+        cfg = tool.train_config(args, stage, [{"path": "x"}], None)
+        TrainConfig.from_dict(cfg).validate()
+        outputs.add(cfg["output_dir"])
+    assert len(outputs) == len(tool.STAGES)
+    sizes = {stage: tool.STAGES[stage].input_size(args) for stage in ("warmup", "stage2", "stage3")}
+    assert sizes == {"warmup": 256, "stage2": 512, "stage3": 1024}
 
 
 def test_brightfield_names_split_an_evaluation_by_image_type(tool, tmp_path):

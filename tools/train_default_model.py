@@ -39,6 +39,11 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
               bright background) is added as one more source (``WORK/brightfield``).
               Measured: 13 of 15 held-out figures up, bright-field 1-click 0.059 -> 0.098;
               the shipped weights.
+``stage6``    optional, not part of ``all`` (see docs/model-card.md for whether it paid off):
+              the decoder learns to rank its 3 candidates while its masks keep training:
+              encoder frozen (embeddings cached), the mask losses plus the pairwise ranking
+              term, mostly single clicks, zooms out to 0.5 (held-out nuclei are smaller at
+              the model's scale than training ones); starts from stage 5, on its data.
 ``scores``    optional, not part of ``all``: score calibration, only the IoU prediction head
               trains (everything else frozen, embeddings cached), so masks stay exactly as
               the previous stage made them and only the predicted IoU learns (it ranks the 3
@@ -71,6 +76,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -197,14 +203,64 @@ def _model_spec(image_size: int, checkpoint: str | None) -> dict:
     return {"config": f"{MODEL_CONFIG}_{image_size}", "checkpoint": checkpoint, "architecture": arch}
 
 
-STAGE_SIZES = {
-    "warmup": lambda args: args.image_size,
-    "stage1": lambda args: args.image_size,
-    "stage2": lambda args: args.image_size2,
-    "stage3": lambda args: 1024,
-    "stage4": lambda args: 1024,
-    "stage5": lambda args: 1024,
-    "scores": lambda args: 1024,
+# From scratch on small objects the paper's focal:dice 20:1 (alpha 0.25, which down-weights
+# object pixels) collapses to "background everywhere" (seen here: train IoU 0.000 at steps
+# 50-75), and so does 4:1 without alpha (IoU 0.004 at step 80 of a 256 px probe run); 1:1 with
+# alpha 0.75 (object pixels up-weighted) learns (IoU 0.32 at step 80 of the same probe).
+MASK_LOSS = {"focal": 1.0, "focal_alpha": 0.75}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How one training stage trains; what every stage shares is in :func:`train_config`.
+
+    Attributes:
+        steps_option: the command-line option holding its step count (``steps3`` = ``--steps3``).
+        size: model input size in px (None: ``--image-size``; 0: ``--image-size2``).
+        lr_factor: its learning rate relative to ``--lr``.
+        late: after stage 1 (``--batch-size2`` images of ``--masks-per-image2`` objects,
+            objects from 64 px).
+        interactive: the paper's simulated sessions (``--rounds``) instead of one prompt.
+        frozen: modules that do not train (a frozen image encoder: cached embeddings).
+        loss: loss weights (``segany.training.LossWeights``).
+        box_probability: share of first prompts that are boxes (the rest: single clicks,
+            whose 3 candidates the IoU head must rank).
+        zoom_out: the smallest zoom of the augmentation.
+    """
+
+    steps_option: str
+    size: int | None = 1024
+    lr_factor: float = 1.0
+    late: bool = True
+    interactive: bool = False
+    frozen: tuple[str, ...] = ()
+    loss: dict = field(default_factory=lambda: dict(MASK_LOSS))
+    box_probability: float = 0.3
+    zoom_out: float = 0.75
+
+    def input_size(self, args: argparse.Namespace) -> int:
+        return args.image_size if self.size is None else (self.size or args.image_size2)
+
+
+# Curriculum: stage 1 learns single prompts (1 round: point or box, 6x cheaper per object, so
+# many more objects); stage 2 the paper's interactive sessions; from stage 3 on the first
+# prompt again (the 1-click ranking), on the 64 x 64 grid of inference.
+STAGES = {
+    "warmup": Stage("steps0", size=None, late=False, box_probability=0.5),
+    "stage1": Stage("steps1", size=None, late=False, box_probability=0.5),
+    "stage2": Stage("steps2", size=0, lr_factor=0.5, interactive=True, box_probability=0.5),
+    "stage3": Stage("steps3", lr_factor=0.1, frozen=("image_encoder",)),
+    "stage4": Stage("steps5", lr_factor=0.1),
+    "stage5": Stage("steps6", lr_factor=0.1),
+    # The decoder learns to rank its candidates while its masks keep training (the ranking
+    # term with the IoU head alone did not move the ranking: docs/model-card.md). Zooms
+    # out to 0.5: held-out nuclei are smaller at the model's scale than training ones (the
+    # 1-click candidates cover 1.84x the nucleus there, 1.08x in training).
+    "stage6": Stage("steps7", lr_factor=0.1, frozen=("image_encoder",), loss=dict(MASK_LOSS, rank=1.0),
+                    box_probability=0.2, zoom_out=0.5),
+    # Score calibration: only the IoU head trains, by MSE plus the ranking term.
+    "scores": Stage("steps4", frozen=("image_encoder", "prompt_encoder", "mask_decoder"),
+                    loss={"focal": 0.0, "dice": 0.0, "iou": 1.0, "rank": 1.0}, box_probability=0.2),
 }
 
 
@@ -223,51 +279,39 @@ def precision(device: str) -> str:
 
 
 def train_config(args: argparse.Namespace, stage: str, sources: list[dict], checkpoint: str | None) -> dict:
+    """The trainer configuration (``segany.training.TrainConfig`` as a dict) of one stage."""
     gpu = args.device.startswith("cuda")
-    steps = {"warmup": args.steps0, "stage1": args.steps1, "stage2": args.steps2, "stage3": args.steps3,
-             "scores": args.steps4, "stage4": args.steps5, "stage5": args.steps6}[stage]
-    lr = {"stage2": args.lr * 0.5, "stage3": args.lr * 0.1, "stage4": args.lr * 0.1, "stage5": args.lr * 0.1}.get(stage, args.lr)
-    late = stage in ("stage2", "stage3", "stage4", "stage5", "scores")
-    scores = stage == "scores"
-    size = STAGE_SIZES[stage](args)
+    spec = STAGES[stage]
+    steps = getattr(args, spec.steps_option)
+    size = spec.input_size(args)
     return {
         "model": _model_spec(size, checkpoint),
         "data": {
             "train": sources,
-            "masks_per_image": args.masks_per_image2 if late else args.masks_per_image,
+            "masks_per_image": args.masks_per_image2 if spec.late else args.masks_per_image,
             # Stage 1 starts on objects of at least 16 x 16 px (4 x 4 low-resolution cells):
             # tiny ones only teach a fresh model to answer "background" at first.
-            "min_mask_area": 64 if late else max(64, size // 2),
+            "min_mask_area": 64 if spec.late else max(64, size // 2),
             # Below 1024 px, zooms up to 1024/size show objects at their pixel size at 1024 px.
             "augment": {"hflip": True, "vflip": True, "rot90": True,
-                        "scale_range": [0.75, max(1.5, 1024 / size)]},
+                        "scale_range": [spec.zoom_out, max(1.5, 1024 / size)]},
             "check": True,
             "cache_in_memory": True,
             "workers": args.workers,
             "prefetch": 3,
         },
         "steps": steps,
-        "batch_size": args.batch_size2 if late else args.batch_size,
-        # Curriculum: stage 1 learns single prompts (1 round: point or box, 6x cheaper per
-        # object, so many more objects); stage 2 the paper's interactive sessions; stage 3
-        # the first prompt again (the 1-click ranking), now on the 64 x 64 grid.
-        "rounds": args.rounds if stage == "stage2" else 1,
-        # Stage 3: the encoder is fixed, so each image is seen under 2 cached augmentations.
-        "freeze": {"image_encoder": stage in ("stage3", "scores"), "prompt_encoder": scores, "mask_decoder": scores},
+        "batch_size": args.batch_size2 if spec.late else args.batch_size,
+        "rounds": args.rounds if spec.interactive else 1,
+        "freeze": {name: name in spec.frozen for name in ("image_encoder", "prompt_encoder", "mask_decoder")},
+        # A frozen encoder: each image is seen under 2 cached augmentations.
         "frozen_augmentations": 2,
         "embedding_cache_mb": 12000,
-        # From scratch on small objects the paper's focal:dice 20:1 (alpha 0.25, which
-        # down-weights object pixels) collapses to "background everywhere" (seen here: train
-        # IoU 0.000 at steps 50-75), and so does 4:1 without alpha (IoU 0.004 at step 80 of a
-        # 256 px probe run); 1:1 with alpha 0.75 (object pixels up-weighted) learns (IoU
-        # 0.32 at step 80 of the same probe).
-        # Scores: the MSE, plus a ranking term (the 3 candidates of a click in the right order).
-        "loss": {"focal": 0.0, "dice": 0.0, "iou": 1.0, "rank": 1.0} if scores else {"focal": 1.0, "focal_alpha": 0.75},
-        # Scores: mostly single clicks, whose 3 candidates the IoU head must rank.
-        "box_probability": {"stage3": 0.3, "stage4": 0.3, "stage5": 0.3, "scores": 0.2}.get(stage, 0.5),
+        "loss": dict(spec.loss),
+        "box_probability": spec.box_probability,
         "num_threads": None if gpu else (os.cpu_count() or 1),
         "optim": {
-            "lr": lr, "weight_decay": 0.05, "warmup_steps": min(250, max(10, steps // 16)),
+            "lr": args.lr * spec.lr_factor, "weight_decay": 0.05, "warmup_steps": min(250, max(10, steps // 16)),
             "decay_steps": [int(steps * 0.7), int(steps * 0.9)], "grad_clip": 1.0,
         },
         "precision": precision(args.device),
@@ -426,6 +470,10 @@ def cmd_stage5(args: argparse.Namespace) -> None:
     _train(args, "stage5", stage5_sources(args), _start(args, args.work / "stage4" / "model.pt"))
 
 
+def cmd_stage6(args: argparse.Namespace) -> None:
+    _train(args, "stage6", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
+
+
 def cmd_scores(args: argparse.Namespace) -> None:
     _train(args, "scores", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
 
@@ -527,7 +575,7 @@ def markdown_table(report: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "scores", "export", "evaluate", "all"])
+    parser.add_argument("stage", choices=["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "stage6", "scores", "export", "evaluate", "all"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train"), help="the shared data's train/ folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "default_model")
     parser.add_argument("--train-root", type=Path, help="training split folder (default: WORK/splits/train)")
@@ -540,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps4", type=int, default=300, help="scores: IoU-head calibration steps")
     parser.add_argument("--steps5", type=int, default=420, help="stage4: whole-model steps at 1024 px")
     parser.add_argument("--steps6", type=int, default=700, help="stage5: more whole-model steps, bright-field drawn more")
+    parser.add_argument("--steps7", type=int, default=1000, help="stage6: decoder steps with the ranking term")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--masks-per-image", type=int, default=8)
@@ -568,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     args.train_root = args.train_root or args.work / "splits" / "train"
     stages = ["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "export", "evaluate"] if args.stage == "all" else [args.stage]
-    commands = {"split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2, "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "scores": cmd_scores,
+    commands = {"split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2, "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "stage6": cmd_stage6, "scores": cmd_scores,
                 "export": cmd_export, "evaluate": cmd_evaluate}
     for stage in stages:
         print(f"== {stage}", flush=True)
