@@ -39,11 +39,13 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
               bright background) is added as one more source (``WORK/brightfield``).
               Measured: 13 of 15 held-out figures up, bright-field 1-click 0.059 -> 0.098;
               the shipped weights.
-``stage6``    optional, not part of ``all`` (see docs/model-card.md for whether it paid off):
-              the decoder learns to rank its 3 candidates while its masks keep training:
-              encoder frozen (embeddings cached), the mask losses plus the pairwise ranking
-              term, mostly single clicks, zooms out to 0.5 (held-out nuclei are smaller at
-              the model's scale than training ones); starts from stage 5, on its data.
+``stage6``    optional, not part of ``all``: the decoder learns to rank its 3 candidates
+              while its masks keep training: encoder frozen (embeddings cached), the mask
+              losses plus the pairwise ranking term, mostly single clicks, zooms out to 0.5
+              (held-out nuclei are smaller at the model's scale than training ones); starts
+              from stage 5, on its data. Measured (docs/model-card.md): oracle and box up
+              everywhere, top-ranked single click flat, 3 and 5 clicks down 0.01-0.04; not
+              shipped.
 ``scores``    optional, not part of ``all``: score calibration, only the IoU prediction head
               trains (everything else frozen, embeddings cached), so masks stay exactly as
               the previous stage made them and only the predicted IoU learns (it ranks the 3
