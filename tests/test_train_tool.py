@@ -115,6 +115,7 @@ def test_every_stage_has_a_valid_configuration_and_its_own_output(tool, tmp_path
         TrainConfig.from_dict(cfg).validate()
         outputs.add(cfg["output_dir"])
     assert len(outputs) == len(tool.STAGES)
+    assert set(tool.STAGES) <= set(tool.COMMANDS) and set(tool.ALL) <= set(tool.COMMANDS)
     sizes = {stage: tool.STAGES[stage].input_size(args) for stage in ("warmup", "stage2", "stage3")}
     assert sizes == {"warmup": 256, "stage2": 512, "stage3": 1024}
 

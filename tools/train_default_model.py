@@ -218,7 +218,8 @@ class Stage:
 
     Attributes:
         steps_option: the command-line option holding its step count (``steps3`` = ``--steps3``).
-        size: model input size in px (None: ``--image-size``; 0: ``--image-size2``).
+        size: model input size in px, or the command-line option holding it
+            (``"image_size2"`` = ``--image-size2``).
         lr_factor: its learning rate relative to ``--lr``.
         late: after stage 1 (``--batch-size2`` images of ``--masks-per-image2`` objects,
             objects from 64 px).
@@ -231,7 +232,7 @@ class Stage:
     """
 
     steps_option: str
-    size: int | None = 1024
+    size: int | str = 1024
     lr_factor: float = 1.0
     late: bool = True
     interactive: bool = False
@@ -241,16 +242,16 @@ class Stage:
     zoom_out: float = 0.75
 
     def input_size(self, args: argparse.Namespace) -> int:
-        return args.image_size if self.size is None else (self.size or args.image_size2)
+        return getattr(args, self.size) if isinstance(self.size, str) else self.size
 
 
 # Curriculum: stage 1 learns single prompts (1 round: point or box, 6x cheaper per object, so
 # many more objects); stage 2 the paper's interactive sessions; from stage 3 on the first
 # prompt again (the 1-click ranking), on the 64 x 64 grid of inference.
 STAGES = {
-    "warmup": Stage("steps0", size=None, late=False, box_probability=0.5),
-    "stage1": Stage("steps1", size=None, late=False, box_probability=0.5),
-    "stage2": Stage("steps2", size=0, lr_factor=0.5, interactive=True, box_probability=0.5),
+    "warmup": Stage("steps0", size="image_size", late=False, box_probability=0.5),
+    "stage1": Stage("steps1", size="image_size", late=False, box_probability=0.5),
+    "stage2": Stage("steps2", size="image_size2", lr_factor=0.5, interactive=True, box_probability=0.5),
     "stage3": Stage("steps3", lr_factor=0.1, frozen=("image_encoder",)),
     "stage4": Stage("steps5", lr_factor=0.1),
     "stage5": Stage("steps6", lr_factor=0.1),
@@ -463,7 +464,7 @@ def stage5_sources(args: argparse.Namespace) -> list[dict]:
     augmentation of stage 4."""
     subset = args.work / "brightfield" / "microscopy"
     count = brightfield_subset(args.train_root / "microscopy", subset)
-    print(f"stage5: {count} bright-field or stained microscopy training images drawn about "
+    print(f"bright-field subset: {count} bright-field or stained microscopy training images drawn about "
           f"{1 + BRIGHTFIELD_WEIGHT:g}x as often")
     return _photometric_sources(_engine_sources(args) + [{"path": str(subset), "weight": BRIGHTFIELD_WEIGHT}])
 
@@ -575,9 +576,19 @@ def markdown_table(report: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+COMMANDS = {
+    "split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2,
+    "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "stage6": cmd_stage6, "scores": cmd_scores,
+    "export": cmd_export, "evaluate": cmd_evaluate,
+}
+# What ``all`` runs, in order: the recipe of the shipped weights (stage6 and scores were tried
+# and not shipped).
+ALL = ["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "export", "evaluate"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "stage6", "scores", "export", "evaluate", "all"])
+    parser.add_argument("stage", choices=[*COMMANDS, "all"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train"), help="the shared data's train/ folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "default_model")
     parser.add_argument("--train-root", type=Path, help="training split folder (default: WORK/splits/train)")
@@ -618,12 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
     args.train_root = args.train_root or args.work / "splits" / "train"
-    stages = ["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "export", "evaluate"] if args.stage == "all" else [args.stage]
-    commands = {"split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2, "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "stage6": cmd_stage6, "scores": cmd_scores,
-                "export": cmd_export, "evaluate": cmd_evaluate}
+    stages = ALL if args.stage == "all" else [args.stage]
     for stage in stages:
         print(f"== {stage}", flush=True)
-        commands[stage](args)
+        COMMANDS[stage](args)
     return 0
 
 
