@@ -415,6 +415,22 @@ def test_checkpoint_is_flat_and_reloads_by_config(tmp_path):
     assert (result.output_dir / "curves.png").stat().st_size > 1000
 
 
+def test_log_records_the_one_click_ranking(tmp_path):
+    """rank_hit (share of single clicks whose top-scored candidate is the best) is logged in
+    every run, the ranking term only when it is on."""
+    def logged(run, **overrides):
+        cfg = small_config(tmp_path / run, steps=2, box_probability=0.0, rounds=1, **overrides)
+        return train(cfg).history
+
+    plain, ranked = logged("plain"), logged("ranked", **{"loss.rank": 1.0})
+    for row in plain + ranked:
+        assert 0.0 <= row["rank_hit"] <= 1.0
+    assert all("rank" not in row for row in plain)
+    assert all(row["rank"] >= 0.0 for row in ranked)
+    header = (tmp_path / "ranked" / "run" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"rank", "rank_hit"} <= set(header)
+
+
 def test_vit_t_checkpoint_loads_strictly_into_mobile_sam(tmp_path):
     from reference_oracle import import_mobile_sam
 

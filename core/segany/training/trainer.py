@@ -73,7 +73,7 @@ __all__ = ["Trainer", "TrainResult", "train", "LOG_FIELDS"]
 
 LOG_FIELDS = [
     "step", "loss", "focal", "dice", "iou_mse", "train_iou_first", "train_iou_last",
-    "lr", "seconds", "val_point_miou", "val_clicks_miou",
+    "lr", "seconds", "val_point_miou", "val_clicks_miou", "rank", "rank_hit",
 ]
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -494,6 +494,9 @@ class Trainer:
         previous_low: torch.Tensor | None = None
         previous_pred: torch.Tensor | None = None
         first_iou = last_iou = 0.0
+        # The 1-click ranking: the ranking term and how often the top-scored candidate is the
+        # best one, over this batch's single-point first prompts (what inference ranks).
+        rank_sum = rank_hits = ranked = 0.0
         with self._autocast():
             dense_pe = pe.get_dense_pe()
             no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(m, -1, *pe.image_embedding_size)
@@ -522,6 +525,12 @@ class Trainer:
                         if cands.start == 1:
                             # The paper feeds back the candidate with the highest predicted IoU.
                             token[idx] = 1 + iou[idx, 1:].detach().argmax(dim=1)
+                            best = out.iou_actual.max(dim=1).values
+                            top = out.iou_actual.gather(1, (token[idx] - 1)[:, None])[:, 0]
+                            rank_hits += float((top >= best).sum())
+                            ranked += len(idx)
+                            if out.rank is not None:
+                                rank_sum += float(out.rank.sum())
                         first_iou += float(out.iou_actual.gather(1, (token[idx] - cands.start)[:, None]).sum())
                     round_loss = loss_sum / m
                     first_iou /= m
@@ -538,6 +547,10 @@ class Trainer:
         parts = {k: v / (n * m) for k, v in sums.items()}
         parts["train_iou_first"] = first_iou
         parts["train_iou_last"] = last_iou if n > 1 else first_iou
+        if ranked:
+            parts["rank_hit"] = rank_hits / ranked
+            if cfg.loss.rank:
+                parts["rank"] = rank_sum / ranked
         return total / n, parts
 
     def train_step(self) -> dict[str, float]:
@@ -786,7 +799,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training loss")
     ax_loss.legend()
-    for key in ("train_iou_first", "train_iou_last"):
+    for key in ("train_iou_first", "train_iou_last", "rank_hit"):
         ax_iou.plot(steps, [r.get(key, math.nan) for r in history], label=key, alpha=0.6)
     for key in ("val_point_miou", "val_clicks_miou"):
         pts = [(r["step"], r[key]) for r in history if key in r]
