@@ -76,7 +76,7 @@ def test_stage5_draws_brightfield_more_and_keeps_stage4s_augmentation(tool, tmp_
 
 
 def _args(tmp_path, **steps) -> argparse.Namespace:
-    counts = {f"steps{i}": 1 for i in range(8)} | steps
+    counts = {f"steps{i}": 1 for i in range(9)} | steps
     return argparse.Namespace(
         device="cpu", lr=1e-3, masks_per_image=8, masks_per_image2=3, batch_size=8, batch_size2=4, rounds=6,
         image_size=256, image_size2=512, workers=1, time_limit=None, quiet=True, work=tmp_path, **counts,
@@ -105,6 +105,17 @@ def test_stage6_trains_the_decoder_to_rank_on_cached_embeddings(tool, tmp_path):
     assert parsed.loss.rank == cfg["loss"]["rank"] and parsed.freeze.image_encoder
 
 
+def test_stage7_trains_the_whole_model_with_stage6s_ranking_settings(tool, tmp_path):
+    cfg = tool.train_config(_args(tmp_path, steps8=11), "stage7", [{"path": "x"}], "stage5.pt")
+    assert cfg["steps"] == 11 and cfg["optim"]["lr"] == pytest.approx(1e-4)
+    assert cfg["model"] == {"config": tool.MODEL_CONFIG, "checkpoint": "stage5.pt"}  # 1024 px input
+    assert not any(cfg["freeze"].values())  # the encoder trains too, unlike stage 6
+    stage6 = tool.train_config(_args(tmp_path), "stage6", [{"path": "x"}], "stage5.pt")
+    assert cfg["loss"] == stage6["loss"] and cfg["loss"]["rank"] > 0
+    assert cfg["data"]["augment"]["scale_range"] == stage6["data"]["augment"]["scale_range"]
+    assert cfg["rounds"] == 1 and cfg["output_dir"].endswith("stage7")
+
+
 def test_every_stage_has_a_valid_configuration_and_its_own_output(tool, tmp_path):
     from segany.training import TrainConfig
 
@@ -125,3 +136,39 @@ def test_brightfield_names_split_an_evaluation_by_image_type(tool, tmp_path):
 
     names = tool._brightfield_names(open_dataset(_microscopy(tmp_path)))
     assert names == {"brightfield", "stained_grey"}
+
+
+class _FixedRanker:
+    """Three candidates per click: the whole image, the object under the click, nothing;
+    scored by fixed numbers (a head that ranks by its candidates' averages)."""
+
+    def __init__(self, scores):
+        self.scores = np.asarray(scores, np.float32)
+
+    def set_image(self, image):
+        self.shape = image.shape[:2]
+
+    def predict(self, point_coords, point_labels, multimask_output=True):
+        assert multimask_output and point_labels.tolist() == [1]
+        x, y = point_coords[0]
+        whole = np.ones(self.shape, bool)
+        under = self.labels == self.labels[y, x]
+        return np.stack([whole, under, np.zeros(self.shape, bool)]), self.scores, None
+
+
+def test_candidate_ranking_tells_a_wrong_order_from_bad_candidates(tool, tmp_path):
+    from segany.datasets import open_dataset
+
+    dataset = open_dataset(_microscopy(tmp_path))  # 3 images, one 4 x 4 object each in 8 x 8
+    ranker = _FixedRanker([0.9, 0.5, 0.1])  # ranks the whole image first: IoU 16/64
+    ranker.labels = np.zeros((8, 8), int)
+    ranker.labels[2:6, 2:6] = 1
+    report = tool.candidate_ranking(ranker, dataset, min_area=4)
+    assert report["objects"] == 3
+    assert report["top"] == pytest.approx(0.25) and report["oracle"] == pytest.approx(1.0)
+    assert report["hit"] == 0.0 and report["best_share"] == [0.0, 1.0, 0.0]
+    assert report["iou"] == pytest.approx([0.25, 1.0, 0.0])
+    assert report["score"] == pytest.approx([0.9, 0.5, 0.1])
+    ranker.scores = np.array([0.2, 0.8, 0.1], np.float32)
+    right = tool.candidate_ranking(ranker, dataset, every=2, min_area=4)
+    assert right["objects"] == 2 and right["hit"] == 1.0 and right["top"] == pytest.approx(1.0)

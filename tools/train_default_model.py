@@ -46,6 +46,9 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
               from stage 5, on its data. Measured (docs/model-card.md): oracle and box up
               everywhere, top-ranked single click flat, 3 and 5 clicks down 0.01-0.04; not
               shipped.
+``stage7``    optional, not part of ``all``: stage 5 continued with stage 6's ranking term and
+              zoom-out, the encoder training too (600 steps at 1024 px); a whole-model step
+              costs only about 1.2x a decoder-only one on the CPU. Result: docs/model-card.md.
 ``scores``    optional, not part of ``all``: score calibration, only the IoU prediction head
               trains (everything else frozen, embeddings cached), so masks stay exactly as
               the previous stage made them and only the predicted IoU learns (it ranks the 3
@@ -54,6 +57,9 @@ Stages (each resumable; ``all`` runs them in order and skips what is done):
               on stage 5 (MSE: -0.009 there; MSE + ranking: -0.012); none shipped
               (docs/model-card.md): the frozen decoder's IoU token does not carry what ranks
               bright-field candidates.
+``ranking``   optional diagnosis: how --weights ranks the 3 candidates of a centre click on
+              the training (``--split train``) or held-out images: top-ranked against best
+              candidate, and each candidate's mean true and predicted IoU.
 ``export``    fp16 weights into ``core/segany/weights/`` (shipped in the wheel) and their
               size and sha256 for the checkpoint registry.
 ``evaluate``  the held-out splits, per domain, with segany's evaluation protocols, next to
@@ -261,6 +267,11 @@ STAGES = {
     # 1-click candidates cover 1.84x the nucleus there, 1.08x in training).
     "stage6": Stage("steps7", lr_factor=0.1, frozen=("image_encoder",), loss=dict(MASK_LOSS, rank=1.0),
                     box_probability=0.2, zoom_out=0.5),
+    # Stage 5 continued with stage 6's settings (ranking term, zoom out to 0.5), the encoder
+    # training too: a step of the whole model costs only ~1.2x a decoder-only step here (the
+    # decoder's 64 x 64 passes dominate), and every whole-model stage so far raised most
+    # held-out figures while the decoder-only stage 6 lost 3 and 5 clicks.
+    "stage7": Stage("steps8", lr_factor=0.1, loss=dict(MASK_LOSS, rank=1.0), zoom_out=0.5),
     # Score calibration: only the IoU head trains, by MSE plus the ranking term.
     "scores": Stage("steps4", frozen=("image_encoder", "prompt_encoder", "mask_decoder"),
                     loss={"focal": 0.0, "dice": 0.0, "iou": 1.0, "rank": 1.0}, box_probability=0.2),
@@ -477,6 +488,10 @@ def cmd_stage6(args: argparse.Namespace) -> None:
     _train(args, "stage6", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
 
 
+def cmd_stage7(args: argparse.Namespace) -> None:
+    _train(args, "stage7", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
+
+
 def cmd_scores(args: argparse.Namespace) -> None:
     _train(args, "scores", stage5_sources(args), _start(args, args.work / "stage5" / "model.pt"))
 
@@ -545,6 +560,76 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(markdown_table(report))
 
 
+def candidate_ranking(predictor, dataset, every: int = 1, max_objects: int = 10, min_area: int = 16) -> dict:
+    """How a predictor ranks the 3 candidates of a single centre click (the evaluation's
+    ``point`` protocol), on every ``every``-th image of a dataset.
+
+    Returns ``objects``, ``top`` (mIoU of the top-scored candidate), ``oracle`` (mIoU of
+    the best), ``hit`` (share of objects whose top-scored candidate is the best), and per
+    candidate ``best_share`` (how often it is the best), ``iou`` (its mean true IoU) and
+    ``score`` (its mean predicted IoU). A head that only learned each candidate's average
+    has ``score`` close to ``iou`` and ``top`` close to the best column of ``iou``.
+    """
+    from segany.evaluation import mask_iou, object_centre, select_objects
+
+    ious, scores = [], []
+    for index, sample in enumerate(dataset):
+        if index % every:
+            continue
+        objects = select_objects(sample, max_objects=max_objects, min_area=min_area)
+        if not objects:
+            continue
+        predictor.set_image(np.asarray(sample.image))
+        for obj in objects:
+            x, y = object_centre(obj.mask)
+            masks, score, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+            ious.append([mask_iou(m, obj.mask) for m in masks])
+            scores.append(np.asarray(score, np.float64).reshape(-1))
+    if not ious:
+        return {"objects": 0}
+    iou, score = np.asarray(ious), np.asarray(scores)
+    rows = np.arange(len(iou))
+    top, best = score.argmax(axis=1), iou.argmax(axis=1)
+    return {
+        "objects": len(iou),
+        "top": float(iou[rows, top].mean()),
+        "oracle": float(iou.max(axis=1).mean()),
+        "hit": float((iou[rows, top] >= iou[rows, best]).mean()),
+        "best_share": (np.bincount(best, minlength=iou.shape[1]) / len(iou)).tolist(),
+        "iou": iou.mean(axis=0).tolist(),
+        "score": score.mean(axis=0).tolist(),
+    }
+
+
+def cmd_ranking(args: argparse.Namespace) -> None:
+    """The 1-click ranking diagnosis of --weights on the training (``--split train``) or
+    held-out images, per domain (microscopy also by image type): ``WORK/ranking_SPLIT.json``."""
+    import torch
+
+    from segany.build import load_model
+    from segany.datasets import open_dataset
+    from segany.predictor import SamPredictor
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    predictor = SamPredictor(load_model(args.weights or MODEL_NAME, device=args.device))
+    report = {}
+    for domain in ("microscopy", "aerial", "natural"):
+        dataset = open_dataset(args.work / "splits" / args.split / domain)
+        groups = {domain: dataset}
+        if domain == "microscopy":
+            samples = list(dataset)[:: args.every]
+            groups = {domain: samples,
+                      "microscopy: bright-field": [s for s in samples if is_brightfield(np.asarray(s.image))],
+                      "microscopy: fluorescence": [s for s in samples if not is_brightfield(np.asarray(s.image))]}
+        for name, data in groups.items():
+            every = 1 if isinstance(data, list) else args.every
+            report[name] = candidate_ranking(predictor, data, every, args.max_objects)
+            print(name, json.dumps({k: (np.round(v, 3).tolist() if isinstance(v, (list, float)) else v)
+                                    for k, v in report[name].items()}), flush=True)
+    out = args.work / f"ranking_{args.split}.json"
+    out.write_text(json.dumps(report, indent=1))
+
+
 def _summary(result) -> dict:
     """The model card's figures of one evaluation (segany.evaluation.EvaluationResult)."""
     return {
@@ -578,7 +663,8 @@ def markdown_table(report: dict[str, dict]) -> str:
 
 COMMANDS = {
     "split": cmd_split, "warmup": cmd_warmup, "stage1": cmd_stage1, "engine": cmd_engine, "stage2": cmd_stage2,
-    "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "stage6": cmd_stage6, "scores": cmd_scores,
+    "stage3": cmd_stage3, "stage4": cmd_stage4, "stage5": cmd_stage5, "stage6": cmd_stage6, "stage7": cmd_stage7,
+    "scores": cmd_scores, "ranking": cmd_ranking,
     "export": cmd_export, "evaluate": cmd_evaluate,
 }
 # What ``all`` runs, in order: the recipe of the shipped weights (stage6 and scores were tried
@@ -602,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps5", type=int, default=420, help="stage4: whole-model steps at 1024 px")
     parser.add_argument("--steps6", type=int, default=700, help="stage5: more whole-model steps, bright-field drawn more")
     parser.add_argument("--steps7", type=int, default=1000, help="stage6: decoder steps with the ranking term")
+    parser.add_argument("--steps8", type=int, default=600, help="stage7: whole-model steps with the ranking term")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--masks-per-image", type=int, default=8)
@@ -620,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="export/evaluate: this checkpoint instead of the default")
     parser.add_argument("--max-objects", type=int, default=20, help="evaluate: objects per image (largest first)")
     parser.add_argument("--max-images", type=int, help="evaluate: images per domain (default: all)")
-    parser.add_argument("--threads", type=int, help="evaluate: torch CPU threads")
+    parser.add_argument("--threads", type=int, help="evaluate and ranking: torch CPU threads")
+    parser.add_argument("--split", choices=["train", "heldout"], default="train", help="ranking: which images")
+    parser.add_argument("--every", type=int, default=1, help="ranking: every N-th image")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.device is None:
