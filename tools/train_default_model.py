@@ -667,7 +667,7 @@ COMMANDS = {
     "scores": cmd_scores, "ranking": cmd_ranking,
     "export": cmd_export, "evaluate": cmd_evaluate,
 }
-# What ``all`` runs, in order: the recipe of the shipped weights (stage6 and scores were tried
+# What ``all`` runs, in order: the recipe of the shipped weights (stage6, stage7 and scores were tried
 # and not shipped).
 ALL = ["split", "warmup", "stage1", "engine", "stage2", "stage3", "stage4", "stage5", "export", "evaluate"]
 
@@ -704,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-iou", type=float, default=0.88, help="engine: keep masks with predicted IoU >= this")
     parser.add_argument("--engine-stability", type=float, default=0.92, help="engine: and stability >= this")
     parser.add_argument("--init", type=Path, help="engine and training stages: start from these weights instead of the previous stage's")
-    parser.add_argument("--weights", help="export/evaluate: this checkpoint instead of the default")
-    parser.add_argument("--max-objects", type=int, default=20, help="evaluate: objects per image (largest first)")
+    parser.add_argument("--weights", help="export, evaluate and ranking: this checkpoint instead of the default")
+    parser.add_argument("--max-objects", type=int, default=20, help="evaluate and ranking: objects per image (a seeded random choice, the same for every model)")
     parser.add_argument("--max-images", type=int, help="evaluate: images per domain (default: all)")
     parser.add_argument("--threads", type=int, help="evaluate and ranking: torch CPU threads")
     parser.add_argument("--split", choices=["train", "heldout"], default="train", help="ranking: which images")

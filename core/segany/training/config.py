@@ -217,7 +217,7 @@ class ValidationConfig:
             boundary) and/or ``clicks`` (``clicks`` corrective clicks, each at the centre of
             the largest error region).
         clicks: number of clicks of the ``clicks`` protocol.
-        max_images, max_objects: bound the cost (objects per image, largest first).
+        max_images, max_objects: bound the cost (objects per image: a seeded random choice).
         min_area: objects smaller than this (original pixels) are not evaluated.
         stop_at_miou: stop training once the first protocol's mIoU reaches this ("good
             enough"; the checkpoint and resume file are written as at the end).
