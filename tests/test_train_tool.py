@@ -163,12 +163,15 @@ def test_candidate_ranking_tells_a_wrong_order_from_bad_candidates(tool, tmp_pat
     ranker = _FixedRanker([0.9, 0.5, 0.1])  # ranks the whole image first: IoU 16/64
     ranker.labels = np.zeros((8, 8), int)
     ranker.labels[2:6, 2:6] = 1
-    report = tool.candidate_ranking(ranker, dataset, min_area=4)
+    images, iou, score = tool.candidate_scores(ranker, dataset, min_area=4)
+    assert sorted(images) == ["brightfield", "fluorescence", "stained_grey"]
+    report = tool.ranking_summary(iou, score)
     assert report["objects"] == 3
     assert report["top"] == pytest.approx(0.25) and report["oracle"] == pytest.approx(1.0)
     assert report["hit"] == 0.0 and report["best_share"] == [0.0, 1.0, 0.0]
     assert report["iou"] == pytest.approx([0.25, 1.0, 0.0])
     assert report["score"] == pytest.approx([0.9, 0.5, 0.1])
     ranker.scores = np.array([0.2, 0.8, 0.1], np.float32)
-    right = tool.candidate_ranking(ranker, dataset, every=2, min_area=4)
+    right = tool.ranking_summary(*tool.candidate_scores(ranker, dataset, every=2, min_area=4)[1:])
     assert right["objects"] == 2 and right["hit"] == 1.0 and right["top"] == pytest.approx(1.0)
+    assert tool.ranking_summary(iou[:0], score[:0]) == {"objects": 0}  # an empty image type

@@ -560,19 +560,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(markdown_table(report))
 
 
-def candidate_ranking(predictor, dataset, every: int = 1, max_objects: int = 10, min_area: int = 16) -> dict:
-    """How a predictor ranks the 3 candidates of a single centre click (the evaluation's
-    ``point`` protocol), on every ``every``-th image of a dataset.
+def candidate_scores(predictor, dataset, every: int = 1, max_objects: int = 10, min_area: int = 16):
+    """True and predicted IoU of the 3 candidates of a single centre click (the evaluation's
+    ``point`` protocol) for the objects of every ``every``-th image of a dataset.
 
-    Returns ``objects``, ``top`` (mIoU of the top-scored candidate), ``oracle`` (mIoU of
-    the best), ``hit`` (share of objects whose top-scored candidate is the best), and per
-    candidate ``best_share`` (how often it is the best), ``iou`` (its mean true IoU) and
-    ``score`` (its mean predicted IoU). A head that only learned each candidate's average
-    has ``score`` close to ``iou`` and ``top`` close to the best column of ``iou``.
+    Returns ``(images, iou, score)``: each object's image name (``M``), and ``M x 3`` arrays.
     """
     from segany.evaluation import mask_iou, object_centre, select_objects
 
-    ious, scores = [], []
+    images, ious, scores = [], [], []
     for index, sample in enumerate(dataset):
         if index % every:
             continue
@@ -583,11 +579,23 @@ def candidate_ranking(predictor, dataset, every: int = 1, max_objects: int = 10,
         for obj in objects:
             x, y = object_centre(obj.mask)
             masks, score, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+            images.append(sample.name)
             ious.append([mask_iou(m, obj.mask) for m in masks])
             scores.append(np.asarray(score, np.float64).reshape(-1))
-    if not ious:
+    return np.asarray(images), np.asarray(ious).reshape(len(ious), -1), np.asarray(scores).reshape(len(scores), -1)
+
+
+def ranking_summary(iou: np.ndarray, score: np.ndarray) -> dict:
+    """How the scores rank the candidates (``M x C`` true and predicted IoU).
+
+    Returns ``objects``, ``top`` (mIoU of the top-scored candidate), ``oracle`` (mIoU of
+    the best), ``hit`` (share of objects whose top-scored candidate is the best), and per
+    candidate ``best_share`` (how often it is the best), ``iou`` (its mean true IoU) and
+    ``score`` (its mean predicted IoU). A head that only learned each candidate's average
+    has ``score`` close to ``iou`` and ``top`` close to the best column of ``iou``.
+    """
+    if not len(iou):
         return {"objects": 0}
-    iou, score = np.asarray(ious), np.asarray(scores)
     rows = np.arange(len(iou))
     top, best = score.argmax(axis=1), iou.argmax(axis=1)
     return {
@@ -615,15 +623,13 @@ def cmd_ranking(args: argparse.Namespace) -> None:
     report = {}
     for domain in ("microscopy", "aerial", "natural"):
         dataset = open_dataset(args.work / "splits" / args.split / domain)
-        groups = {domain: dataset}
-        if domain == "microscopy":
-            samples = list(dataset)[:: args.every]
-            groups = {domain: samples,
-                      "microscopy: bright-field": [s for s in samples if is_brightfield(np.asarray(s.image))],
-                      "microscopy: fluorescence": [s for s in samples if not is_brightfield(np.asarray(s.image))]}
-        for name, data in groups.items():
-            every = 1 if isinstance(data, list) else args.every
-            report[name] = candidate_ranking(predictor, data, every, args.max_objects)
+        images, iou, score = candidate_scores(predictor, dataset, args.every, args.max_objects)
+        groups = {domain: np.ones(len(images), bool)}
+        if domain == "microscopy":  # one pass over the images, summarised by type as evaluate does
+            bright = np.isin(images, sorted(_brightfield_names(dataset)))
+            groups.update({"microscopy: bright-field": bright, "microscopy: fluorescence": ~bright})
+        for name, keep in groups.items():
+            report[name] = ranking_summary(iou[keep], score[keep])
             print(name, json.dumps({k: (np.round(v, 3).tolist() if isinstance(v, (list, float)) else v)
                                     for k, v in report[name].items()}), flush=True)
     out = args.work / f"ranking_{args.split}.json"

@@ -525,13 +525,13 @@ class Trainer:
                         if cands.start == 1:
                             # The paper feeds back the candidate with the highest predicted IoU.
                             token[idx] = 1 + iou[idx, 1:].detach().argmax(dim=1)
-                            best = out.iou_actual.max(dim=1).values
-                            top = out.iou_actual.gather(1, (token[idx] - 1)[:, None])[:, 0]
-                            rank_hits += float((top >= best).sum())
+                        fed_back = out.iou_actual.gather(1, (token[idx] - cands.start)[:, None])[:, 0]
+                        first_iou += float(fed_back.sum())
+                        if cands.start == 1:
+                            rank_hits += float((fed_back >= out.iou_actual.max(dim=1).values).sum())
                             ranked += len(idx)
                             if out.rank is not None:
                                 rank_sum += float(out.rank.sum())
-                        first_iou += float(out.iou_actual.gather(1, (token[idx] - cands.start)[:, None]).sum())
                     round_loss = loss_sum / m
                     first_iou /= m
                 else:
